@@ -1,0 +1,193 @@
+"""Settings: environment variables (``WORKER_`` prefix, ``__`` nesting) and an optional TOML file.
+
+Read once at the entry points (CLI, Celery app) and passed down as values; library code
+never reads the environment. Precedence: explicit overrides > environment > config file >
+defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from worker.errors import ConfigurationError
+
+ENV_PREFIX = "WORKER_"
+CONFIG_FILE_ENV = "WORKER_CONFIG_FILE"
+#: The policies shipped with the project (``policies/`` beside the ``worker`` package).
+SHIPPED_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moderation-worker"
+
+
+class ModelSettings(BaseModel):
+    """Which OpenCLIP model to load (``WORKER_MODEL__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        "ViT-B-32",
+        description="open_clip model name, 'hf-hub:org/repo' or 'local-dir:/path'.",
+    )
+    pretrained: str = Field(
+        "laion2b_s34b_b79k",
+        description="Pretrained tag for a built-in name, or a path to a weights file. "
+        "Ignored for hf-hub: and local-dir: names.",
+    )
+    download_dir: Path | None = Field(
+        None, description="Where open_clip caches downloaded weights (default: the HF cache)."
+    )
+    hub_probe_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long to wait when checking that the model hub is reachable before "
+        "downloading; an unreachable hub with no cached weights fails at once.",
+    )
+
+
+class BatchSettings(BaseModel):
+    """Micro-batching (``WORKER_BATCH__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_size: int = Field(32, ge=1, le=4096, description="Most images encoded together.")
+    max_wait_ms: int = Field(
+        50, ge=0, le=60_000, description="Longest wait for a batch to fill (queue only)."
+    )
+
+
+class ImageSettings(BaseModel):
+    """Guards on untrusted images (``WORKER_IMAGE__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_bytes: int = Field(25 * 1024 * 1024, ge=1, description="Largest encoded image.")
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="Largest width x height (decompression-bomb guard)."
+    )
+    allowed_formats: list[str] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"],
+        description="Pillow format names accepted; anything else is format_not_allowed.",
+    )
+
+    jpeg_draft: bool = Field(
+        True,
+        description="Decode JPEGs at a reduced DCT scale no smaller than the model input "
+        "(much faster on large photos).",
+    )
+
+    @field_validator("allowed_formats")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [v.upper() for v in value]
+
+
+class Settings(BaseSettings):
+    """Everything moderation-worker can be told. See docs/operations.md for the full table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL of the queue.")
+    policy_dir: Path = Field(
+        SHIPPED_POLICY_DIR, description="Directory of policy YAML files (*.yaml, *.yml)."
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Prompt-embedding and image-embedding caches.",
+    )
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Autocast dtype for image encoding; auto = fp16 on CUDA, else fp32."
+    )
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    image: ImageSettings = Field(default_factory=ImageSettings)
+    file_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories a queue worker may read local paths from; none by default. "
+        "`worker classify` reads any path it is given.",
+    )
+    decode_workers: int = Field(
+        0, ge=0, description="Threads decoding and preprocessing images; 0 = one per core."
+    )
+    sinks: list[str] = Field(
+        default_factory=list,
+        description="Default sinks as TYPE:TARGET[,key=value...] specs, used when a job "
+        "names none.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto = console on a TTY, JSON lines otherwise."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in {"auto", "cpu", "cuda", "mps"}:
+            return value
+        if value.startswith("cuda:") and value[5:].isdigit():
+            return value
+        raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+
+
+def env_name(loc: tuple[int | str, ...]) -> str:
+    """The environment variable that sets the field at ``loc`` (``('model','name')`` ->
+    ``WORKER_MODEL__NAME``)."""
+    parts = [str(p).upper() for p in loc if not isinstance(p, int)]
+    return ENV_PREFIX + "__".join(parts)
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read settings from the environment and, optionally, a TOML file.
+
+    ``config_file`` (or ``WORKER_CONFIG_FILE``) names a TOML file whose keys mirror the
+    setting names (``[model]`` table for ``WORKER_MODEL__*``). Invalid values raise
+    :class:`ConfigurationError` naming the environment variable to fix.
+    """
+    path_value = config_file or os.environ.get(CONFIG_FILE_ENV)
+    settings_cls: type[Settings] = Settings
+    if path_value:
+        path = Path(path_value)
+        if not path.is_file():
+            raise ConfigurationError(
+                f"config file {path} does not exist (set by --config or {CONFIG_FILE_ENV})"
+            )
+        if path.suffix.lower() != ".toml":
+            raise ConfigurationError(f"config file {path} must be TOML (*.toml)")
+
+        class _FileSettings(Settings):
+            @classmethod
+            def settings_customise_sources(
+                cls,
+                settings_cls: type[BaseSettings],
+                init_settings: PydanticBaseSettingsSource,
+                env_settings: PydanticBaseSettingsSource,
+                dotenv_settings: PydanticBaseSettingsSource,
+                file_secret_settings: PydanticBaseSettingsSource,
+            ) -> tuple[PydanticBaseSettingsSource, ...]:
+                return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, path))
+
+        settings_cls = _FileSettings
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        lines = [f"{env_name(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigurationError("invalid settings:\n  " + "\n  ".join(lines)) from None
