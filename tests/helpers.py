@@ -1,0 +1,104 @@
+"""Test helpers: synthetic images and policy files."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (230, 210, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_image(shape: str, colour: str, size: int = 96, seed: int = 0) -> Image.Image:
+    """A coloured shape on a light, slightly noisy background."""
+    rng = random.Random(seed)
+    bg = tuple(rng.randint(200, 255) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    margin = rng.randint(size // 10, size // 5)
+    box = (margin, margin, size - margin, size - margin)
+    fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[colour])
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon(
+            [(size // 2, margin), (margin, size - margin), (size - margin, size - margin)],
+            fill=fill,
+        )
+    return img
+
+
+def image_bytes(img: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def write_images(directory: Path, count: int, fmt: str = "PNG") -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        shape = SHAPES[i % len(SHAPES)]
+        colour = list(COLOURS)[i % len(COLOURS)]
+        path = directory / f"img_{i:03d}.{fmt.lower()}"
+        path.write_bytes(image_bytes(shape_image(shape, colour, seed=i), fmt))
+        paths.append(path)
+    return paths
+
+
+SHAPES_POLICY = """\
+name: shapes
+kind: moderation
+templates: simple
+background:
+  - a blank white page
+  - a photo of nothing
+categories:
+  - id: red
+    prompts: [a red shape]
+    threshold: 0.5
+    action: block
+    severity: high
+  - id: circle
+    prompts: [a circle, a round disc]
+    threshold: 0.5
+    action: review
+  - id: blue
+    prompts: [a blue shape]
+    threshold: 0.5
+---
+name: shape-tags
+kind: tags
+templates: ["a photo of a {}.", "a drawing of a {}."]
+top_k: 3
+tags: [circle, square, triangle, {id: red, prompts: [red, crimson]}]
+"""
+
+
+def write_policy(directory: Path, text: str = SHAPES_POLICY, name: str = "shapes.yaml") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+#: A moderation policy whose only problem is on line 7 (threshold out of range).
+GOOD_POLICY_ERRORS = """\
+name: broken
+kind: moderation
+background: [an ordinary photo]
+categories:
+  - id: weapons
+    prompts: [a gun]
+    threshold: 1.5
+"""
