@@ -1,0 +1,82 @@
+"""Compiling loaded policies against a model into the heads the engine scores with."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from worker.heads import CompiledPolicy, compile_policy
+from worker.log import get_logger
+from worker.model import LoadedModel
+from worker.policy import LoadedPolicy
+from worker.prompt_cache import CachedEmbedder, PromptCache
+
+log = get_logger(__name__)
+PROMPT_CACHE_FILE = "prompt-embeddings.sqlite3"
+
+
+@dataclass(frozen=True)
+class CompileStats:
+    seconds: float
+    texts: int
+    encoded: int
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """Compiled policies by name. Immutable: a reload builds a new set and swaps it in."""
+
+    compiled: dict[str, CompiledPolicy]
+    sources: dict[str, LoadedPolicy]
+    stats: dict[str, CompileStats] = field(default_factory=dict)
+
+    def versions(self) -> dict[str, str]:
+        return {name: c.version for name, c in self.compiled.items()}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.compiled
+
+    def names(self) -> list[str]:
+        return list(self.compiled)
+
+
+def open_prompt_cache(cache_dir: Path, model: LoadedModel) -> PromptCache:
+    return PromptCache(cache_dir / PROMPT_CACHE_FILE, model.fingerprint)
+
+
+def compile_policies(
+    loaded: list[LoadedPolicy],
+    model: LoadedModel,
+    cache: PromptCache | None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> PolicySet:
+    """Compile every policy; only prompts missing from ``cache`` reach the text tower.
+
+    ``on_progress(policy_name, done, total)`` reports prompts encoded for a policy.
+    """
+    compiled: dict[str, CompiledPolicy] = {}
+    stats: dict[str, CompileStats] = {}
+    for item in loaded:
+
+        def progress(done: int, total: int, name: str = item.name) -> None:
+            if on_progress is not None:
+                on_progress(name, done, total)
+
+        embedder = CachedEmbedder(model.encode_texts, cache, progress)
+        started = time.perf_counter()
+        policy = compile_policy(item.policy, embedder, model.fingerprint)
+        policy = replace(policy, matrix=policy.matrix.to(model.device))
+        seconds = time.perf_counter() - started
+        stats[item.name] = CompileStats(seconds, embedder.hits + embedder.misses, embedder.misses)
+        compiled[item.name] = policy
+        log.info(
+            "policy.compiled",
+            policy=item.name,
+            version=policy.version[:12],
+            texts=embedder.hits + embedder.misses,
+            encoded=embedder.misses,
+            ms=round(seconds * 1000),
+        )
+    return PolicySet(compiled, {item.name: item for item in loaded}, stats)
