@@ -1,0 +1,166 @@
+"""The job and result documents (pydantic). Their JSON Schemas live in docs/schemas/."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+JobId = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$"),
+]
+SCHEMA_FILES = {"job": "job.schema.json", "result": "result.schema.json"}
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ImageRef(BaseModel):
+    """Where the image is: a ``uri`` (path, file://, s3://, http(s)://) or inline ``data``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str | None = Field(None, description="Path, file://, s3://bucket/key or http(s):// URL.")
+    data: str | None = Field(None, description="The image bytes, base64-encoded.")
+    filename: str | None = Field(None, description="Original file name (informational).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageRef:
+        if (self.uri is None) == (self.data is None):
+            raise ValueError("give exactly one of image.uri and image.data")
+        return self
+
+    def decoded_data(self) -> bytes:
+        """The inline bytes; raises ValueError on bad base64."""
+        try:
+            return base64.b64decode(self.data or "", validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"image.data is not valid base64: {exc}") from None
+
+    def label(self) -> str:
+        return self.uri or f"data:{self.filename or 'inline'}"
+
+
+class SinkConfig(BaseModel):
+    """A sink by plugin name plus that plugin's own options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(description="Sink plugin name (`worker plugins` lists them).")
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Job(BaseModel):
+    """What an upload service enqueues."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: JobId = Field(
+        default_factory=new_job_id,
+        description="Client-chosen or generated; the idempotency key.",
+    )
+    image: ImageRef
+    policies: list[str] | None = Field(
+        None, description="Policy names to score; default = every loaded policy."
+    )
+    sinks: list[SinkConfig] = Field(
+        default_factory=list, description="Where to deliver the result; default = settings."
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Passed through as is.")
+
+
+class ImageInfo(BaseModel):
+    uri: str | None = None
+    filename: str | None = None
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    pretrained: str
+    fingerprint: str
+
+
+class Flag(BaseModel):
+    policy: str
+    category: str
+    score: float
+    threshold: float
+    action: Literal["flag", "review", "block"]
+    severity: Literal["low", "medium", "high", "critical"]
+
+
+class ModerationResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    scores: dict[str, float]
+    flags: list[Flag]
+
+
+class TagScore(BaseModel):
+    tag: str
+    score: float
+
+
+class TagsResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    tags: list[TagScore]
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable snake_case code, listed in docs/errors.md.")
+    message: str
+
+
+class Result(BaseModel):
+    """What sinks receive: scores, flags and labels of one job, or its error."""
+
+    job_id: JobId
+    status: Literal["ok", "error"]
+    error: ErrorInfo | None = None
+    image: ImageInfo
+    model: ModelInfo
+    policies: dict[str, ModerationResult | TagsResult] = Field(default_factory=dict)
+    flags: list[Flag] = Field(default_factory=list, description="Every policy's flags.")
+    labels: list[str] = Field(default_factory=list, description="Every tag kept, best first.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    worker: str = ""
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schemas of the job and result documents, by file name."""
+    return {
+        SCHEMA_FILES["job"]: Job.model_json_schema(),
+        SCHEMA_FILES["result"]: Result.model_json_schema(mode="serialization"),
+    }
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, schema in json_schemas().items():
+        path = directory / name
+        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(path)
+    return written

@@ -1,0 +1,272 @@
+"""The scoring pipeline: fetch -> decode -> preprocess -> encode once -> every policy -> results.
+
+Fetching, decoding and preprocessing run in a thread pool; :meth:`Engine.stream` keeps the
+next batch preparing while the current one is encoded. Per-job failures become error
+results; one bad image never fails its batch-mates.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.documents import (
+    ErrorInfo,
+    Flag,
+    ImageInfo,
+    ImageRef,
+    ModelInfo,
+    ModerationResult,
+    Result,
+    TagScore,
+    TagsResult,
+)
+from worker.errors import JobError
+from worker.fetcher import ImageFetcher
+from worker.heads import CompiledModeration
+from worker.images import decode_image, install_decompression_bomb_guard
+from worker.log import get_logger
+from worker.model import LoadedModel
+from worker.policyset import PolicySet
+from worker.scoring import moderation_decisions, moderation_scores, tag_probabilities, top_tags
+
+log = get_logger(__name__)
+SCORE_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image to score: what a job asks for, minus delivery."""
+
+    job_id: str
+    image: ImageRef
+    policies: list[str] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    item: WorkItem
+    info: ImageInfo
+    pixels: np.ndarray | torch.Tensor | None = None
+    error: JobError | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 3)
+
+
+class Engine:
+    """Scores images against compiled policies with one loaded model."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        policies: PolicySet,
+        fetcher: ImageFetcher,
+        *,
+        max_pixels: int,
+        allowed_formats: Sequence[str],
+        decode_workers: int = 0,
+        jpeg_draft: bool = True,
+    ) -> None:
+        self.model = model
+        self.policies = policies  # replaced wholesale on reload; reads see one set or the other
+        self.fetcher = fetcher
+        self.max_pixels = max_pixels
+        self.allowed_formats = frozenset(f.upper() for f in allowed_formats)
+        self.draft_size = model.image_size if jpeg_draft else None
+        self.workers = decode_workers or os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
+        self.worker_name = f"{socket.gethostname()}/{os.getpid()}"
+        install_decompression_bomb_guard(max_pixels)
+
+    # ------------------------------------------------------------------ preparing one image
+
+    def prepare(self, item: WorkItem) -> Prepared:
+        """Fetch, decode and preprocess one image. Never raises for a bad job."""
+        prep = Prepared(item, ImageInfo(uri=item.image.uri, filename=item.image.filename))
+        try:
+            unknown = [p for p in item.policies or [] if p not in self.policies]
+            if unknown:
+                raise JobError(
+                    f"unknown policy {', '.join(map(repr, unknown))} (loaded: "
+                    f"{', '.join(self.policies.names())})",
+                    code="policy_not_found",
+                )
+            started = time.perf_counter()
+            data = self.fetcher.fetch(item.image)
+            prep.timings["fetch"] = _ms(started)
+            started = time.perf_counter()
+            decoded = decode_image(
+                data,
+                max_pixels=self.max_pixels,
+                allowed_formats=self.allowed_formats,
+                draft_size=self.draft_size,
+            )
+            prep.info = prep.info.model_copy(
+                update={
+                    "sha256": decoded.sha256,
+                    "width": decoded.width,
+                    "height": decoded.height,
+                    "format": decoded.format,
+                }
+            )
+            prep.timings["decode"] = _ms(started)
+            started = time.perf_counter()
+            prep.pixels = self.model.image_input(decoded.image)
+            prep.timings["preprocess"] = _ms(started)
+        except JobError as exc:
+            prep.error = exc
+        except Exception as exc:  # a bug or an exotic failure: still one job's error
+            log.exception("job.failed", job_id=item.job_id)
+            prep.error = JobError(f"{type(exc).__name__}: {exc}", code="internal_error")
+        return prep
+
+    # ------------------------------------------------------------------ encoding and scoring
+
+    def _encode(self, pixels: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor | Exception]:
+        """Encode a batch; on failure split it so only the image that fails is lost."""
+        try:
+            return list(self.model.encode_images(self.model.batch_pixels(pixels)))
+        except Exception as exc:
+            if self.model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(pixels) == 1:
+                return [exc]
+            log.warning("batch.split", size=len(pixels), error=str(exc)[:200])
+            half = len(pixels) // 2
+            return self._encode(pixels[:half]) + self._encode(pixels[half:])
+
+    def score(self, batch: Sequence[Prepared]) -> list[Result]:
+        """Encode the prepared images of ``batch`` together and score every requested policy."""
+        ready = [p for p in batch if p.error is None and p.pixels is not None]
+        if ready:
+            started = time.perf_counter()
+            encoded = self._encode([p.pixels for p in ready if p.pixels is not None])
+            encode_ms = _ms(started) / len(ready)
+            for prep, emb in zip(ready, encoded, strict=True):
+                prep.timings["encode"] = round(encode_ms, 3)
+                if isinstance(emb, Exception):
+                    prep.error = JobError(f"encoding failed: {emb}", code="internal_error")
+            good = [
+                (p, e) for p, e in zip(ready, encoded, strict=True) if isinstance(e, torch.Tensor)
+            ]
+            if good:
+                started = time.perf_counter()
+                per_policy = self._score_all(torch.stack([e for _, e in good]))
+                score_ms = round(_ms(started) / len(good), 3)
+                results = {
+                    id(p): self._ok_result(p, i, per_policy, score_ms)
+                    for i, (p, _) in enumerate(good)
+                }
+                return [results.get(id(p)) or self._error_result(p) for p in batch]
+        return [self._error_result(p) for p in batch]
+
+    def _score_all(self, embeddings: torch.Tensor) -> dict[str, list[list[float]]]:
+        """Scores of every loaded policy for every embedding (one matmul per policy)."""
+        out: dict[str, list[list[float]]] = {}
+        scale = self.model.logit_scale
+        for name, compiled in self.policies.compiled.items():
+            if isinstance(compiled, CompiledModeration):
+                scores = moderation_scores(embeddings, compiled, scale)
+            else:
+                scores = tag_probabilities(embeddings, compiled, scale)
+            out[name] = scores.cpu().tolist()
+        return out
+
+    def _ok_result(
+        self, prep: Prepared, row: int, per_policy: dict[str, list[list[float]]], score_ms: float
+    ) -> Result:
+        names = prep.item.policies or self.policies.names()
+        policies: dict[str, ModerationResult | TagsResult] = {}
+        flags: list[Flag] = []
+        labels: list[tuple[str, float]] = []
+        for name in names:
+            compiled = self.policies.compiled[name]
+            values = per_policy[name][row]
+            if isinstance(compiled, CompiledModeration):
+                scores, decisions = moderation_decisions(values, compiled)
+                found = [
+                    Flag(**{**d.__dict__, "score": round(d.score, SCORE_DIGITS)}) for d in decisions
+                ]
+                policies[name] = ModerationResult(
+                    version=compiled.version,
+                    scores={k: round(v, SCORE_DIGITS) for k, v in scores.items()},
+                    flags=found,
+                )
+                flags.extend(found)
+            else:
+                tags = top_tags(values, compiled)
+                policies[name] = TagsResult(
+                    version=compiled.version,
+                    tags=[TagScore(tag=t, score=round(s, SCORE_DIGITS)) for t, s in tags],
+                )
+                labels.extend(tags)
+        prep.timings["score"] = score_ms
+        seen: dict[str, None] = {}
+        for tag, _ in sorted(labels, key=lambda pair: pair[1], reverse=True):
+            seen.setdefault(tag)
+        return self._result(
+            prep,
+            status="ok",
+            policies=policies,
+            flags=sorted(flags, key=lambda f: f.score, reverse=True),
+            labels=list(seen),
+        )
+
+    def _error_result(self, prep: Prepared) -> Result:
+        error = prep.error or JobError("image was not prepared", code="internal_error")
+        return self._result(
+            prep, status="error", error=ErrorInfo(code=error.code, message=error.message)
+        )
+
+    def _result(self, prep: Prepared, **fields: Any) -> Result:
+        return Result(
+            job_id=prep.item.job_id,
+            image=prep.info,
+            model=ModelInfo(**self.model.describe()),
+            metadata=prep.item.metadata,
+            timings_ms=prep.timings,
+            worker=self.worker_name,
+            **fields,
+        )
+
+    # ------------------------------------------------------------------ whole batches
+
+    def process(self, items: Sequence[WorkItem]) -> list[Result]:
+        """Prepare ``items`` in parallel, then encode and score them as one batch."""
+        return self.score(list(self.pool.map(self.prepare, items)))
+
+    def stream(self, items: Iterable[WorkItem], batch_size: int) -> Iterator[Result]:
+        """Score ``items`` in order, ``batch_size`` at a time, preparing the next batch
+        while the current one is encoded."""
+        pending: deque[Future[Prepared]] = deque()
+        source = iter(items)
+
+        def top_up() -> None:
+            while len(pending) < 2 * batch_size:
+                item = next(source, None)
+                if item is None:
+                    return
+                pending.append(self.pool.submit(self.prepare, item))
+
+        top_up()
+        while pending:
+            batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+            top_up()
+            yield from self.score([f.result() for f in batch])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.fetcher.close()

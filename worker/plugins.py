@@ -1,0 +1,143 @@
+"""The plugin interfaces (sinks and sources) and the registry that finds them.
+
+Plugins are found through entry points only: the built-in ones in ``adapters/`` are
+registered in this project's ``pyproject.toml`` exactly as a third-party package registers
+its own, in the groups ``moderation_worker.sinks`` and ``moderation_worker.sources``.
+
+A sink::
+
+    class MySink(Sink):
+        name = "my-sink"
+        class Options(BaseModel):           # validated at start-up
+            url: str
+        def __init__(self, options: Options, context: PluginContext) -> None: ...
+        def deliver(self, result: Result) -> None: ...   # raise Retryable/PermanentSinkError
+
+A source::
+
+    class MySource(Source):
+        schemes = ("myscheme",)
+        def fetch(self, uri: str) -> bytes: ...           # raise SourceError(code=...)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from worker.documents import Result
+from worker.errors import PluginError
+
+SINK_GROUP = "moderation_worker.sinks"
+SOURCE_GROUP = "moderation_worker.sources"
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class PluginContext:
+    """Values from settings that plugins may need, passed down (plugins never read env)."""
+
+    settings: Any  # worker.settings.Settings; typed loosely to keep plugins importable alone
+    #: True in a queue worker: local paths are then limited to ``settings.file_roots``.
+    service: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Sink(ABC):
+    """Writes one result somewhere. Must be idempotent per ``job_id``."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: Any, context: PluginContext) -> None:
+        self.options = options
+        self.context = context
+
+    @abstractmethod
+    def deliver(self, result: Result) -> None:
+        """Deliver ``result``; raise RetryableSinkError or PermanentSinkError on failure."""
+
+    def close(self) -> None:
+        """Release connections and files."""
+
+
+class Source(ABC):
+    """Fetches image bytes for the URI schemes it declares."""
+
+    schemes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, context: PluginContext) -> None:
+        self.context = context
+
+    @abstractmethod
+    def fetch(self, uri: str) -> bytes:
+        """The bytes at ``uri``; raise SourceError with a stable code on failure."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+def _entry_points(group: str) -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def available_sinks() -> dict[str, EntryPoint]:
+    return _entry_points(SINK_GROUP)
+
+
+def available_sources() -> dict[str, EntryPoint]:
+    return _entry_points(SOURCE_GROUP)
+
+
+def _load(group: str, name: str, base: type) -> Any:
+    found = _entry_points(group)
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none installed"
+        raise PluginError(f"unknown {group.rsplit('.', 1)[1][:-1]} {name!r} (known: {known})")
+    try:
+        cls = found[name].load()
+    except Exception as exc:
+        raise PluginError(f"plugin {name!r} ({found[name].value}) failed to import: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise PluginError(f"plugin {name!r} ({found[name].value}) is not a {base.__name__}")
+    return cls
+
+
+def sink_class(name: str) -> type[Sink]:
+    cls: type[Sink] = _load(SINK_GROUP, name, Sink)
+    return cls
+
+
+def source_class(name: str) -> type[Source]:
+    cls: type[Source] = _load(SOURCE_GROUP, name, Source)
+    return cls
+
+
+def make_sink(name: str, options: dict[str, Any], context: PluginContext) -> Sink:
+    """Instantiate sink ``name`` with validated options; PluginError explains what is wrong."""
+    cls = sink_class(name)
+    try:
+        parsed = cls.Options.model_validate(options)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
+        )
+        raise PluginError(f"bad options for sink {name!r}: {problems}") from None
+    return cls(parsed, context)
+
+
+def make_sources(context: PluginContext) -> dict[str, Source]:
+    """Every installed source, by URI scheme."""
+    by_scheme: dict[str, Source] = {}
+    for name in sorted(available_sources()):
+        source = source_class(name)(context)
+        for scheme in source.schemes:
+            by_scheme.setdefault(scheme, source)
+    return by_scheme
