@@ -1,0 +1,77 @@
+"""The `worker` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from worker.cli import policies
+from worker.cli.classify import classify
+from worker.cli.common import EXIT_FAILED, State, exits_on_errors, stderr
+from worker.documents import json_schemas, write_schemas
+
+app = typer.Typer(
+    name="worker",
+    help="Self-hosted image moderation and tagging: OpenCLIP zero-shot policies in YAML.\n\n"
+    "Settings come from WORKER_* environment variables (nested with __, e.g. "
+    "WORKER_MODEL__NAME) or a TOML file given with --config / WORKER_CONFIG_FILE.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="TOML settings file (also WORKER_CONFIG_FILE).", dir_okay=False
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option("--log-level", help="debug | info | warning | error [default: info]"),
+    ] = None,
+) -> None:
+    ctx.obj = State(config, log_level)
+
+
+app.command()(classify)
+app.add_typer(policies.app, name="policies")
+
+
+@app.command()
+def schemas(
+    out: Annotated[Path, typer.Option("--out", help="Directory to write to.")] = Path(
+        "docs/schemas"
+    ),
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 if the files differ from the code.")
+    ] = False,
+) -> None:
+    """Export the JSON Schemas of the job and result documents."""
+    if check:
+        import json
+
+        stale = [
+            name
+            for name, schema in json_schemas().items()
+            if not (out / name).is_file()
+            or json.loads((out / name).read_text(encoding="utf-8")) != schema
+        ]
+        if stale:
+            stderr.print(f"[red]out of date[/red]: {', '.join(stale)}; run `worker schemas`")
+            raise typer.Exit(EXIT_FAILED)
+        stderr.print("schemas are up to date")
+        return
+    for path in write_schemas(out):
+        stderr.print(f"wrote {path}")
+
+
+def main() -> None:
+    with exits_on_errors():
+        app()

@@ -1,0 +1,96 @@
+"""`worker policies check|compile`: validate policy YAML and fill the prompt cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from worker.cli.common import exits_on_errors, state, stderr
+from worker.errors import PolicyError
+from worker.heads import CompiledModeration
+from worker.policy import load_policies
+from worker.runtime import compile_configured, load_configured_model
+
+app = typer.Typer(help="Validate and compile policy files.", no_args_is_help=True)
+
+PathsArg = Annotated[
+    list[Path] | None,
+    typer.Argument(
+        help="Policy files or directories [default: WORKER_POLICY_DIR].", show_default=False
+    ),
+]
+
+
+@app.command()
+def check(ctx: typer.Context, paths: PathsArg = None) -> None:
+    """Validate policy files. Prints `file:line: message` per problem and exits 1 on any."""
+    settings = state(ctx).settings
+    targets = paths or [settings.policy_dir]
+    try:
+        loaded = load_policies(targets)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            stderr.print(f"[red]error[/red] {problem}", soft_wrap=True)
+        stderr.print(f"{len(exc.problems)} problem(s)")
+        raise typer.Exit(1) from None
+    files = {p.path for p in loaded}
+    for item in loaded:
+        stderr.print(f"ok {item.path}:{item.line} {item.policy.kind} {item.name!r}")
+    stderr.print(f"{len(loaded)} policies in {len(files)} file(s) are valid")
+
+
+@app.command()
+def compile(ctx: typer.Context, paths: PathsArg = None) -> None:
+    """Compile policies into heads, filling the prompt-embedding cache (WORKER_CACHE_DIR).
+
+    Only prompts not already cached for this model are encoded; prints the time per policy.
+    """
+    settings = state(ctx).settings
+    with exits_on_errors():
+        loaded = load_policies(paths or [settings.policy_dir])
+        model = load_configured_model(settings)
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=True,
+        )
+        tasks: dict[str, TaskID] = {}
+
+        def on_progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(f"encoding prompts of {name}", total=total)
+            progress.update(tasks[name], completed=done)
+
+        with progress:
+            policy_set = compile_configured(settings, model, loaded, on_progress)
+    table = Table(title=f"compiled for {model.name} ({model.fingerprint})", title_justify="left")
+    for column in ("policy", "kind", "heads", "texts", "encoded", "seconds", "version"):
+        table.add_column(column)
+    for name, compiled in policy_set.compiled.items():
+        stats = policy_set.stats[name]
+        kind = "moderation" if isinstance(compiled, CompiledModeration) else "tags"
+        table.add_row(
+            name,
+            kind,
+            str(compiled.matrix.shape[0]),
+            str(stats.texts),
+            str(stats.encoded),
+            f"{stats.seconds:.2f}",
+            compiled.version[:12],
+        )
+    Console().print(table)
