@@ -8,13 +8,20 @@ from it are labelled as such and are never used for scoring.
 from __future__ import annotations
 
 import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 import torch
 from PIL import Image
 
@@ -107,3 +114,74 @@ def machine() -> str:
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
         f"threads, {device}, torch {torch.__version__}, Python {platform.python_version()}"
     )
+
+
+@contextmanager
+def redis_server(url: str | None, workdir: Path) -> Iterator[str]:
+    """Use ``url``, or start a throw-away redis-server on 127.0.0.1 for the benchmark."""
+    if url:
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(url)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def worker_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A `worker serve` subprocess, ready (model loaded, policies compiled) when yielded."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "serve"],
+            env={**env, "WORKER_LOG_FORMAT": "json", "WORKER_LOG_LEVEL": "info"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 900
+            while "worker.ready" not in log_path.read_text(errors="replace"):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"worker did not start; see {log_path}")
+                time.sleep(0.2)
+            yield proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+def queue_round(settings: Any, paths: Sequence[Path], tag: str) -> Measurement:
+    """Submit one job per path, time until the last result is stored."""
+    from worker.client import Client
+
+    client = Client(settings)
+    started = time.perf_counter()
+    ids = [
+        client.submit({"job_id": f"bench-{tag}-{i}", "image": {"uri": str(p.resolve())}})
+        for i, p in enumerate(paths)
+    ]
+    for job_id in ids:
+        result = client.wait(job_id, timeout=900)
+        if result.status != "ok":
+            raise RuntimeError(f"benchmark job failed: {result.error}")
+    return Measurement(len(ids), time.perf_counter() - started)

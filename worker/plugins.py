@@ -55,6 +55,8 @@ class Sink(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions
+    #: The option that TARGET fills in a ``TYPE:TARGET[,key=value...]`` spec.
+    target_option: ClassVar[str | None] = None
 
     def __init__(self, options: Any, context: PluginContext) -> None:
         self.options = options
@@ -123,14 +125,48 @@ def source_class(name: str) -> type[Source]:
 def make_sink(name: str, options: dict[str, Any], context: PluginContext) -> Sink:
     """Instantiate sink ``name`` with validated options; PluginError explains what is wrong."""
     cls = sink_class(name)
+    return cls(_parse_options(cls, name, options), context)
+
+
+def parse_sink_spec(spec: str) -> dict[str, Any]:
+    """``TYPE:TARGET[,key=value...]`` -> sink config ``{"type": TYPE, target_option: TARGET, ...}``.
+
+    ``s3:s3://bucket/prefix/``, ``webhook:https://host/hook,secret=whsec_...``,
+    ``local:results.jsonl``. Unknown types and options fail here, at start-up.
+    """
+    kind, sep, rest = spec.partition(":")
+    if not sep or not kind:
+        raise PluginError(f"sink spec {spec!r} must look like TYPE:TARGET[,key=value...]")
+    cls = sink_class(kind)
+    target, *pairs = rest.split(",") if rest else [""]
+    config: dict[str, Any] = {"type": kind}
+    if target:
+        if cls.target_option is None:
+            raise PluginError(f"sink {kind!r} takes no TARGET; use {kind}:,key=value")
+        config[cls.target_option] = target
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise PluginError(f"sink spec {spec!r}: {pair!r} is not key=value")
+        config[key.strip()] = value
+    return config
+
+
+def validate_sink_config(config: dict[str, Any]) -> None:
+    """Raise PluginError if ``config`` names an unknown sink or has bad options."""
+    options = {k: v for k, v in config.items() if k != "type"}
+    cls = sink_class(str(config.get("type", "")))
+    _parse_options(cls, config["type"], options)
+
+
+def _parse_options(cls: type[Sink], name: str, options: dict[str, Any]) -> BaseModel:
     try:
-        parsed = cls.Options.model_validate(options)
+        return cls.Options.model_validate(options)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
         )
         raise PluginError(f"bad options for sink {name!r}: {problems}") from None
-    return cls(parsed, context)
 
 
 def make_sources(context: PluginContext) -> dict[str, Source]:

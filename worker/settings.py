@@ -68,6 +68,48 @@ class BatchSettings(BaseModel):
     )
 
 
+class QueueSettings(BaseModel):
+    """The Celery queue on Redis (``WORKER_QUEUE__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("moderation", description="Queue that score jobs go to.")
+    visibility_timeout_s: int = Field(
+        900,
+        ge=5,
+        description="Seconds before an unacknowledged job is handed to another worker; must "
+        "exceed the longest batch wait + run.",
+    )
+    restore_interval_s: float = Field(
+        10.0, gt=0, description="How often workers sweep for jobs whose visibility expired."
+    )
+    result_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=60,
+        description="How long result documents stay in Redis for `wait` / `worker result`; "
+        "also the idempotency window for a job id.",
+    )
+
+
+class DeliverySettings(BaseModel):
+    """Sink delivery retries (``WORKER_DELIVERY__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backoff_base_s: float = Field(
+        2.0, gt=0, description="First retry delay; doubles per attempt, with full jitter."
+    )
+    backoff_max_s: float = Field(600.0, gt=0, description="Longest delay between retries.")
+    poll_interval_s: float = Field(
+        0.5, gt=0, description="How often a worker looks for deliveries that are due."
+    )
+    lease_s: float = Field(
+        120.0,
+        gt=0,
+        description="A claimed delivery is retried by another worker if not finished by then.",
+    )
+
+
 class ImageSettings(BaseModel):
     """Guards on untrusted images (``WORKER_IMAGE__*``)."""
 
@@ -118,6 +160,13 @@ class Settings(BaseSettings):
         "auto", description="Autocast dtype for image encoding; auto = fp16 on CUDA, else fp32."
     )
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        description="Tries per job (scoring) and per sink delivery before the dead-letter store.",
+    )
     image: ImageSettings = Field(default_factory=ImageSettings)
     file_roots: list[Path] = Field(
         default_factory=list,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli import policies
+from worker.cli import policies, queue
 from worker.cli.classify import classify
 from worker.cli.common import EXIT_FAILED, State, exits_on_errors, stderr
 from worker.documents import json_schemas, write_schemas
@@ -42,6 +42,10 @@ def root(
 
 app.command()(classify)
 app.add_typer(policies.app, name="policies")
+app.command()(queue.serve)
+app.command()(queue.submit)
+app.command()(queue.result)
+app.add_typer(queue.dlq_app, name="dlq")
 
 
 @app.command()

@@ -1,0 +1,228 @@
+"""Real servers for integration tests: redis-server on 127.0.0.1, worker subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail(
+            "redis-server is not installed: run scripts/setup.sh (apt-get install redis-server)"
+        )
+    port = free_port()
+    directory = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    wait_until(up, 10, "redis-server to start")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    redis.Redis.from_url(redis_server).flushall()
+    return redis_server
+
+
+@pytest.fixture(scope="session")
+def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The third-party test plugin package, pip-installed into its own target directory."""
+    target = tmp_path_factory.mktemp("plugins")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(REPO / "tests" / "plugin_pkg"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return target
+
+
+@pytest.fixture
+def queue_env(
+    worker_env: dict[str, str], redis_url: str, tmp_path: Path, plugin_path: Path
+) -> dict[str, str]:
+    """Environment for worker subprocesses: fast retries, short visibility timeout."""
+    return {
+        **os.environ,
+        **worker_env,
+        "PYTHONPATH": os.pathsep.join([str(plugin_path), str(REPO)]),
+        "WORKER_BROKER_URL": redis_url,
+        "WORKER_FILE_ROOTS": json.dumps([str(tmp_path)]),
+        "WORKER_BATCH__MAX_SIZE": "8",
+        "WORKER_BATCH__MAX_WAIT_MS": "100",
+        "WORKER_QUEUE__VISIBILITY_TIMEOUT_S": "6",
+        "WORKER_QUEUE__RESTORE_INTERVAL_S": "1",
+        "WORKER_DELIVERY__BACKOFF_BASE_S": "0.05",
+        "WORKER_DELIVERY__BACKOFF_MAX_S": "0.2",
+        "WORKER_DELIVERY__POLL_INTERVAL_S": "0.1",
+        "WORKER_MAX_ATTEMPTS": "3",
+        "WORKER_DECODE_WORKERS": "2",
+    }
+
+
+def read_events(log_path: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """structlog JSON lines from a worker's log (other lines are skipped)."""
+    events = []
+    if not log_path.exists():
+        return events
+    for line in log_path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if name is None or event.get("event") == name:
+            events.append(event)
+    return events
+
+
+class WorkerProcess:
+    """`worker serve` as a subprocess with its log in a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, args: list[str]) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "serve", *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO,
+        )
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        return read_events(self.log_path, name)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"worker exited {self.proc.returncode}:\n{self.log_path.read_text()}"
+                )
+            return bool(self.events("worker.ready"))
+
+        wait_until(ready, timeout, "worker.ready")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.proc.wait(10)
+        finally:
+            self._log.close()
+
+
+@pytest.fixture
+def start_worker(
+    queue_env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> WorkerProcess:
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        worker = WorkerProcess({**queue_env, **(env or {})}, log_path, list(args))
+        started.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.signal(signal.SIGKILL)
+            worker.proc.wait(10)
+
+
+def run_python(
+    code: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a separate Python process (an upload service, say)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO,
+    )

@@ -1,0 +1,206 @@
+"""Handing results to sinks: first try inline, retries scheduled in Redis, then dead letters.
+
+A retryable failure is scheduled in the ``mw:retries`` sorted set with exponential backoff
+(equal jitter, at least any ``Retry-After``), so the schedule survives worker restarts.
+Every worker runs a :class:`DeliveryLoop` that claims due deliveries under a lease. A
+permanent failure, or the last allowed attempt, writes a dead letter. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from worker.documents import Job, Result
+from worker.errors import PermanentSinkError, PluginError, SinkError
+from worker.log import get_logger
+from worker.plugins import PluginContext, Sink, make_sink
+from worker.store import DeadLetter, Delivery, Store, new_delivery_id
+
+log = get_logger(__name__)
+MAX_RETRY_AFTER_S = 24 * 3600
+
+
+def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
+    """Delay before try ``attempt + 1``: ``base * 2**(attempt-1)`` capped, half of it jittered,
+    and never sooner than the server's ``Retry-After``."""
+    ceiling = min(cap, base * 2 ** (attempt - 1))
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    if retry_after is not None:
+        delay = max(delay, min(float(retry_after), MAX_RETRY_AFTER_S))
+    return float(delay)
+
+
+class SinkCache:
+    """One sink instance per distinct config, per process (clients and files are reused)."""
+
+    def __init__(self, context: PluginContext) -> None:
+        self.context = context
+        self._sinks: dict[str, Sink] = {}
+        self._lock = threading.Lock()
+
+    def get(self, config: dict[str, Any]) -> Sink:
+        key = json.dumps(config, sort_keys=True)
+        with self._lock:
+            sink = self._sinks.get(key)
+            if sink is None:
+                options = {k: v for k, v in config.items() if k != "type"}
+                sink = make_sink(str(config.get("type", "")), options, self.context)
+                self._sinks[key] = sink
+            return sink
+
+    def close(self) -> None:
+        with self._lock:
+            for sink in self._sinks.values():
+                sink.close()
+            self._sinks.clear()
+
+
+class Deliverer:
+    """Delivers results to the sinks a job names (or the default sinks)."""
+
+    def __init__(
+        self,
+        store: Store,
+        sinks: SinkCache,
+        default_sinks: Sequence[dict[str, Any]],
+        *,
+        max_attempts: int,
+        backoff_base_s: float,
+        backoff_max_s: float,
+        lease_s: float,
+        resubmit: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.resubmit = resubmit
+        self.store = store
+        self.sinks = sinks
+        self.default_sinks = list(default_sinks)
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.lease_s = lease_s
+
+    def sink_configs(self, job: Job) -> list[dict[str, Any]]:
+        if job.sinks:
+            return [{"type": s.type, **s.options()} for s in job.sinks]
+        return self.default_sinks
+
+    def deliver_all(self, job: Job, result: Result) -> None:
+        """First delivery attempt of ``result`` to each of the job's sinks."""
+        body = result.to_json()
+        job_doc = job.model_dump(mode="json")
+        for config in self.sink_configs(job):
+            self.attempt(Delivery(new_delivery_id(), job_doc, config, 1, body), scheduled=False)
+
+    def attempt(self, delivery: Delivery, *, scheduled: bool) -> bool:
+        """Try one delivery; schedule a retry or dead-letter it on failure. True if delivered."""
+        job_id = str(delivery.job.get("job_id"))
+        config = delivery.sink or {}
+        sink_type = config.get("type")
+        started = time.perf_counter()
+        try:
+            sink = self.sinks.get(config)
+            sink.deliver(Result.model_validate_json(delivery.result))
+        except (PermanentSinkError, PluginError) as exc:
+            self._dead_letter(delivery, f"permanent: {exc}")
+        except SinkError as exc:
+            self._retry_or_give_up(delivery, str(exc), exc.retry_after)
+        except Exception as exc:  # a sink bug: retry, it may be transient
+            log.exception("sink.crashed", job_id=job_id, sink=sink_type)
+            self._retry_or_give_up(delivery, f"{type(exc).__name__}: {exc}", None)
+        else:
+            if scheduled:
+                self.store.finish_delivery(delivery.delivery_id)
+            log.info(
+                "sink.delivered",
+                job_id=job_id,
+                sink=sink_type,
+                attempt=delivery.attempt,
+                ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+            return True
+        return False
+
+    def _retry_or_give_up(self, delivery: Delivery, error: str, retry_after: float | None) -> None:
+        job_id = str(delivery.job.get("job_id"))
+        if delivery.attempt >= self.max_attempts:
+            self._dead_letter(delivery, f"gave up after {delivery.attempt} attempts: {error}")
+            return
+        delay = backoff_delay(
+            delivery.attempt, self.backoff_base_s, self.backoff_max_s, retry_after
+        )
+        retry = Delivery(
+            delivery.delivery_id,
+            delivery.job,
+            delivery.sink,
+            delivery.attempt + 1,
+            delivery.result,
+            error,
+        )
+        self.store.schedule_delivery(retry, time.time() + delay)
+        log.warning(
+            "sink.retry_scheduled",
+            job_id=job_id,
+            sink=(delivery.sink or {}).get("type"),
+            attempt=delivery.attempt,
+            delay_s=round(delay, 2),
+            error=error[:300],
+        )
+
+    def _dead_letter(self, delivery: Delivery, error: str) -> None:
+        job_id = str(delivery.job.get("job_id"))
+        self.store.dead_letter(
+            DeadLetter(job_id, delivery.job, delivery.attempt, error, "deliver", delivery.sink)
+        )
+        self.store.finish_delivery(delivery.delivery_id)
+        sink = (delivery.sink or {}).get("type")
+        log.error("sink.failed", job_id=job_id, sink=sink, error=error[:300])
+
+    def schedule_resubmit(self, job: Job, attempt: int, error: str) -> float:
+        """Submit ``job`` again after a backoff (transient source failures); returns the delay."""
+        delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s)
+        entry = Delivery(new_delivery_id(), job.model_dump(mode="json"), None, attempt, "", error)
+        self.store.schedule_delivery(entry, time.time() + delay)
+        return delay
+
+    def run_due(self) -> int:
+        """Attempt every delivery that is due now; returns how many were attempted."""
+        due = self.store.claim_deliveries(time.time(), self.lease_s)
+        for delivery in due:
+            if delivery.sink is None:
+                if self.resubmit is None:  # only workers resubmit; leave it for one
+                    continue
+                self.resubmit(delivery.job)
+                self.store.finish_delivery(delivery.delivery_id)
+                log.info("job.resubmitted", job_id=delivery.job.get("job_id"))
+            else:
+                self.attempt(delivery, scheduled=True)
+        return len(due)
+
+
+class DeliveryLoop(threading.Thread):
+    """Background thread running :meth:`Deliverer.run_due` until stopped."""
+
+    def __init__(self, deliverer: Deliverer, poll_interval_s: float) -> None:
+        super().__init__(name="delivery-loop", daemon=True)
+        self.deliverer = deliverer
+        self.poll_interval_s = poll_interval_s
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                busy = self.deliverer.run_due()
+            except Exception:  # Redis hiccup: keep the loop alive, try again
+                log.exception("delivery.loop_failed")
+                busy = 0
+            if not busy:
+                self._stop_event.wait(self.poll_interval_s)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop_event.set()
+        self.join(timeout)
