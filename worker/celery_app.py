@@ -143,6 +143,11 @@ def _on_worker_process_init(**_: Any) -> None:
         _start(_created[-1])
 
 
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    log.info("worker.consuming", node=getattr(sender, "hostname", None))
+
+
 @signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _on_worker_shutdown(**_: Any) -> None:
     from worker.service import stop_service

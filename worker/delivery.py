@@ -35,6 +35,46 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
     return float(delay)
 
 
+def failure_of(exc: Exception) -> tuple[bool, str, float | None]:
+    """(retryable, message, retry_after) for an exception a sink raised."""
+    if isinstance(exc, PermanentSinkError | PluginError):
+        return False, f"permanent: {exc}", None
+    if isinstance(exc, SinkError):
+        return True, str(exc), exc.retry_after
+    return True, f"{type(exc).__name__}: {exc}", None  # a sink bug: it may be transient
+
+
+def deliver_inline(
+    sinks: SinkCache,
+    configs: Sequence[dict[str, Any]],
+    result: Result,
+    *,
+    max_attempts: int,
+    backoff_base_s: float,
+    backoff_max_s: float,
+) -> list[str]:
+    """Deliver ``result`` now, retrying in this process (no Redis: `worker classify`).
+
+    Returns one message per sink that still failed after ``max_attempts``.
+    """
+    failures = []
+    for config in configs:
+        for attempt in range(1, max_attempts + 1):
+            try:
+                sinks.get(config).deliver(result)
+                break
+            except Exception as exc:
+                retryable, message, retry_after = failure_of(exc)
+                if not retryable or attempt == max_attempts:
+                    failures.append(f"{config.get('type')}: {message}")
+                    log.error(
+                        "sink.failed", job_id=result.job_id, sink=config.get("type"), error=message
+                    )
+                    break
+                time.sleep(backoff_delay(attempt, backoff_base_s, backoff_max_s, retry_after))
+    return failures
+
+
 class SinkCache:
     """One sink instance per distinct config, per process (clients and files are reused)."""
 
@@ -105,13 +145,14 @@ class Deliverer:
         try:
             sink = self.sinks.get(config)
             sink.deliver(Result.model_validate_json(delivery.result))
-        except (PermanentSinkError, PluginError) as exc:
-            self._dead_letter(delivery, f"permanent: {exc}")
-        except SinkError as exc:
-            self._retry_or_give_up(delivery, str(exc), exc.retry_after)
-        except Exception as exc:  # a sink bug: retry, it may be transient
-            log.exception("sink.crashed", job_id=job_id, sink=sink_type)
-            self._retry_or_give_up(delivery, f"{type(exc).__name__}: {exc}", None)
+        except Exception as exc:
+            retryable, message, retry_after = failure_of(exc)
+            if not isinstance(exc, SinkError | PluginError):
+                log.exception("sink.crashed", job_id=job_id, sink=sink_type)
+            if retryable:
+                self._retry_or_give_up(delivery, message, retry_after)
+            else:
+                self._dead_letter(delivery, message)
         else:
             if scheduled:
                 self.store.finish_delivery(delivery.delivery_id)

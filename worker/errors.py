@@ -29,6 +29,7 @@ ERROR_CODES: dict[str, str] = {
     "source_not_found": "The image does not exist at the given path, key or URL (404).",
     "source_blocked": "The address is not allowed (private, loopback, link-local, metadata, "
     "or outside the configured roots) and no request was made.",
+    "source_denied": "The source refused access (401/403, AccessDenied): check credentials.",
     "source_timeout": "Fetching the image took longer than the configured time cap.",
     "source_unavailable": "The image source failed in a way that may pass (connection error, "
     "5xx, throttling).",
@@ -39,7 +40,6 @@ ERROR_CODES: dict[str, str] = {
     "format_not_allowed": "The image decodes but its format is not in the allowlist.",
     "policy_not_found": "The job names a policy that is not loaded.",
     "internal_error": "An unexpected failure while scoring this job; the message has details.",
-    "sink_failed": "A sink kept failing after every retry; the job is in the dead-letter store.",
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from worker.delivery import Deliverer, DeliveryLoop, SinkCache
 from worker.engine import Engine
 from worker.log import get_logger
-from worker.plugins import PluginContext, parse_sink_spec, validate_sink_config
+from worker.plugins import PluginContext, parse_sink_spec
 from worker.policy import LoadedPolicy
 from worker.policyset import PolicySet
 from worker.queue import QueueProcessor
@@ -27,10 +27,15 @@ log = get_logger(__name__)
 
 
 def default_sink_configs(settings: Settings) -> list[dict[str, Any]]:
-    """``WORKER_SINKS`` specs parsed and validated (PluginError names the problem)."""
+    """``WORKER_SINKS`` specs parsed, validated and built once (PluginError names the
+    problem: unknown type, bad option, missing secret)."""
     configs = [parse_sink_spec(spec) for spec in settings.sinks]
-    for config in configs:
-        validate_sink_config(config)
+    probe = SinkCache(PluginContext(settings=settings, service=True))
+    try:
+        for config in configs:
+            probe.get(config)
+    finally:
+        probe.close()
     return configs
 
 

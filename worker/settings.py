@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -110,6 +110,63 @@ class DeliverySettings(BaseModel):
     )
 
 
+class HttpSettings(BaseModel):
+    """Outbound HTTP for the http(s) source and the webhook sink (``WORKER_HTTP__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP + TLS connect timeout.")
+    read_timeout_s: float = Field(10.0, gt=0, description="Longest wait for the next bytes.")
+    total_timeout_s: float = Field(
+        30.0, gt=0, description="Cap on a whole image download (slow-drip servers)."
+    )
+    max_redirects: int = Field(3, ge=0, description="Redirects followed, each re-validated.")
+    allow_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs that are reachable although private/loopback/link-local "
+        '(e.g. ["10.20.0.0/16"] for an internal image store). Empty: public addresses only.',
+    )
+    user_agent: str = Field("moderation-worker", description="User-Agent header sent.")
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # raises ValueError with the reason
+        return value
+
+
+class S3Settings(BaseModel):
+    """S3 and S3-compatible stores (``WORKER_S3__*``); credentials: the standard AWS chain."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = Field(
+        None, description="For S3-compatible stores (MinIO, Ceph, R2...); default AWS."
+    )
+    region: str | None = Field(None, description="Region; default from the AWS chain.")
+    addressing_style: Literal["auto", "virtual", "path"] = Field(
+        "auto", description="Bucket addressing; path for most self-hosted stores."
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, description="Connect timeout.")
+    read_timeout_s: float = Field(30.0, gt=0, description="Read timeout.")
+
+
+class WebhookSettings(BaseModel):
+    """Standard Webhooks signing (``WORKER_WEBHOOK__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    secret: SecretStr | None = Field(
+        None,
+        description="whsec_... signing secret (base64 after the prefix); a sink's own "
+        "`secret` option wins.",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout per POST.")
+
+
 class ImageSettings(BaseModel):
     """Guards on untrusted images (``WORKER_IMAGE__*``)."""
 
@@ -168,6 +225,9 @@ class Settings(BaseSettings):
         description="Tries per job (scoring) and per sink delivery before the dead-letter store.",
     )
     image: ImageSettings = Field(default_factory=ImageSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     file_roots: list[Path] = Field(
         default_factory=list,
         description="Directories a queue worker may read local paths from; none by default. "

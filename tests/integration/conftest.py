@@ -173,9 +173,9 @@ class WorkerProcess:
                 raise AssertionError(
                     f"worker exited {self.proc.returncode}:\n{self.log_path.read_text()}"
                 )
-            return bool(self.events("worker.ready"))
+            return bool(self.events("worker.consuming"))
 
-        wait_until(ready, timeout, "worker.ready")
+        wait_until(ready, timeout, "worker.consuming")
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -226,3 +226,34 @@ def run_python(
         check=False,
         cwd=REPO,
     )
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    from tests.integration.servers import moto_server
+
+    yield from moto_server()
+
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A boto3 S3 client on the moto server, with fresh buckets per test."""
+    import boto3
+
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    for bucket in client.list_buckets().get("Buckets", []):
+        objects = client.list_objects_v2(Bucket=bucket["Name"]).get("Contents", [])
+        for obj in objects:
+            client.delete_object(Bucket=bucket["Name"], Key=obj["Key"])
+        client.delete_bucket(Bucket=bucket["Name"])
+    return client

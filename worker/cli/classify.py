@@ -15,9 +15,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from worker.cli.common import EXIT_FAILED, exits_on_errors, state, stderr
+from worker.delivery import SinkCache, deliver_inline
 from worker.documents import ImageRef, Result
 from worker.engine import WorkItem
 from worker.fetcher import uri_scheme
+from worker.plugins import PluginContext, parse_sink_spec
 from worker.runtime import build_engine
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -54,7 +56,7 @@ def job_id_for(uri: str) -> str:
     return "cli-" + hashlib.sha256(uri.encode()).hexdigest()[:24]
 
 
-def _summary(results: list[Result], seconds: float) -> Table:
+def _summary(results: list[Result], seconds: float, sink_failures: list[str]) -> Table:
     ok = sum(r.status == "ok" for r in results)
     errors = Counter(r.error.code for r in results if r.error is not None)
     flags = Counter(f"{f.policy}/{f.category}" for r in results for f in r.flags)
@@ -63,6 +65,8 @@ def _summary(results: list[Result], seconds: float) -> Table:
     table.add_row("ok", str(ok))
     table.add_row("errors", ", ".join(f"{c}: {n}" for c, n in errors.most_common()) or "0")
     table.add_row("flags", ", ".join(f"{c}: {n}" for c, n in flags.most_common()) or "none")
+    if sink_failures:
+        table.add_row("sink failures", f"{len(sink_failures)}: {sink_failures[0]}")
     rate = len(results) / seconds if seconds > 0 else 0.0
     table.add_row("throughput", f"{rate:.1f} img/s ({seconds:.1f} s)")
     return table
@@ -91,6 +95,16 @@ def classify(
         Path | None,
         typer.Option("--out", "-o", help="Write JSONL here instead of stdout.", dir_okay=False),
     ] = None,
+    sink: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sink",
+            "-s",
+            help="Also deliver each result: TYPE:TARGET[,key=value…] (local:dir/, "
+            "s3:s3://bucket/prefix/, webhook:https://host/hook, or an installed plugin); "
+            "repeat for several. Failed deliveries are retried, then reported (exit 1).",
+        ),
+    ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -104,7 +118,8 @@ def classify(
     """Score images against policies and print one JSON result per line.
 
     Unreadable images become results with status "error" and a stable error code; the
-    others are still scored. Exits 0 unless no image at all could be read.
+    others are still scored. Exits 0 unless no image at all could be read or a --sink
+    delivery failed.
     """
     settings = state(ctx).settings
     uris = expand_sources(sources)
@@ -112,10 +127,15 @@ def classify(
         stderr.print("[red]error[/red] no images found in the given sources")
         raise typer.Exit(EXIT_FAILED)
     with exits_on_errors():
+        sink_configs = [parse_sink_spec(s) for s in sink or []]
+        sinks = SinkCache(PluginContext(settings=settings))
+        for config in sink_configs:  # bad sink settings fail before the model loads
+            sinks.get(config)
         engine = build_engine(settings, policy_refs=policy or [])
     items = (WorkItem(job_id=job_id_for(u), image=ImageRef(uri=u)) for u in uris)
-    sink: TextIO = out.open("w", encoding="utf-8") if out else sys.stdout
+    out_file: TextIO = out.open("w", encoding="utf-8") if out else sys.stdout
     results: list[Result] = []
+    sink_failures: list[str] = []
     started = time.perf_counter()
     progress = Progress(
         TextColumn("scoring"),
@@ -130,16 +150,25 @@ def classify(
         with progress:
             task = progress.add_task("images", total=len(uris), rate="")
             for result in engine.stream(items, batch_size or settings.batch.max_size):
-                sink.write(result.to_json() + "\n")
+                out_file.write(result.to_json() + "\n")
                 results.append(result)
+                sink_failures += deliver_inline(
+                    sinks,
+                    sink_configs,
+                    result,
+                    max_attempts=settings.max_attempts,
+                    backoff_base_s=settings.delivery.backoff_base_s,
+                    backoff_max_s=settings.delivery.backoff_max_s,
+                )
                 elapsed = time.perf_counter() - started
                 progress.update(task, advance=1, rate=f"{len(results) / elapsed:.1f} img/s")
     finally:
         if out:
-            sink.close()
+            out_file.close()
         else:
-            sink.flush()
+            out_file.flush()
         engine.close()
-    stderr.print(_summary(results, time.perf_counter() - started))
-    if not any(r.status == "ok" for r in results):
+        sinks.close()
+    stderr.print(_summary(results, time.perf_counter() - started, sink_failures))
+    if not any(r.status == "ok" for r in results) or sink_failures:
         raise typer.Exit(EXIT_FAILED)
