@@ -75,3 +75,11 @@ def worker_env(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+@pytest.fixture(scope="session")
+def trained_model_name(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny CLIP after ~20 s of contrastive pre-training on filled coloured shapes."""
+    from tests.synthetic import pretrain_tiny_clip
+
+    return pretrain_tiny_clip(tmp_path_factory.mktemp("trained-tiny"), seconds=20.0)

@@ -58,6 +58,7 @@ class LoadedModel:
     std: torch.Tensor | None = None
     text_encoder_calls: int = 0
     texts_encoded: int = 0
+    images_encoded: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -93,6 +94,8 @@ class LoadedModel:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Encode a preprocessed ``(N, 3, H, W)`` batch; L2-normalised float32 on the device."""
         pixels = pixels.to(self.device, non_blocking=True)
+        with self._lock:
+            self.images_encoded += int(pixels.shape[0])
         with self._autocast():
             emb = self.model.encode_image(pixels)
         return F.normalize(emb.float(), dim=-1)
@@ -207,7 +210,7 @@ def _hub_offline() -> Iterator[None]:
         hf_constants.HF_HUB_OFFLINE = before
 
 
-def _model_config(name: str) -> dict[str, Any]:
+def model_config(name: str) -> dict[str, Any]:
     """The architecture config behind ``name``, for the fingerprint."""
     import open_clip
 
@@ -331,7 +334,7 @@ def load_model(
                 cache_dir=str(download_dir) if download_dir else None,
             )
             tokenizer = open_clip.get_tokenizer(name)
-            model_cfg = _model_config(name)
+            model_cfg = model_config(name)
     except Exception as exc:
         raise ModelLoadError(_explain_load_failure(name, pretrained, exc, unreachable)) from exc
     model.eval()

@@ -159,6 +159,13 @@ POLICY_KINDS: dict[str, type[ModerationPolicy] | type[TagsPolicy]] = {
 }
 
 
+def class_ids(policy: Policy) -> list[str]:
+    """The ids a policy scores: category ids, or tag ids."""
+    if isinstance(policy, ModerationPolicy):
+        return [c.id for c in policy.categories]
+    return [t.id for t in policy.tags]
+
+
 @dataclass(frozen=True)
 class LoadedPolicy:
     """A validated policy and where it was defined."""

@@ -7,14 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from worker.embedding_cache import CachedEmbedder, EmbeddingCache
 from worker.heads import CompiledPolicy, compile_policy
 from worker.log import get_logger
 from worker.model import LoadedModel
 from worker.policy import LoadedPolicy
-from worker.prompt_cache import CachedEmbedder, PromptCache
 
 log = get_logger(__name__)
-PROMPT_CACHE_FILE = "prompt-embeddings.sqlite3"
+CACHE_FILE = "embeddings.sqlite3"
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,14 @@ class PolicySet:
         return list(self.compiled)
 
 
-def open_prompt_cache(cache_dir: Path, model: LoadedModel) -> PromptCache:
-    return PromptCache(cache_dir / PROMPT_CACHE_FILE, model.fingerprint)
+def open_prompt_cache(cache_dir: Path, model: LoadedModel) -> EmbeddingCache:
+    return EmbeddingCache(cache_dir / CACHE_FILE, model.fingerprint)
 
 
 def compile_policies(
     loaded: list[LoadedPolicy],
     model: LoadedModel,
-    cache: PromptCache | None,
+    cache: EmbeddingCache | None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> PolicySet:
     """Compile every policy; only prompts missing from ``cache`` reach the text tower.

@@ -8,11 +8,11 @@ import open_clip
 import pytest
 import torch
 
+from worker.embedding_cache import CachedEmbedder, EmbeddingCache
 from worker.heads import CompiledModeration, CompiledTags, compile_policy
 from worker.model import LoadedModel
 from worker.policy import ModerationPolicy, TagsPolicy
 from worker.policyset import compile_policies, open_prompt_cache
-from worker.prompt_cache import CachedEmbedder, PromptCache
 from worker.templates import TEMPLATE_SETS
 
 
@@ -106,15 +106,15 @@ def test_adding_a_category_encodes_only_its_prompts(
 
 def test_cache_is_keyed_by_model_fingerprint(tiny_model: LoadedModel, tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite3"
-    a = PromptCache(path, "model-a")
+    a = EmbeddingCache(path, "model-a")
     a.put_many({"a photo of a dog.": torch.ones(4)})
     assert set(a.get_many(["a photo of a dog.", "other"])) == {"a photo of a dog."}
-    b = PromptCache(path, "model-b")
+    b = EmbeddingCache(path, "model-b")
     assert b.get_many(["a photo of a dog."]) == {}
 
 
 def _fill(path: str, fingerprint: str, offset: int) -> int:
-    cache = PromptCache(Path(path), fingerprint)
+    cache = EmbeddingCache(Path(path), fingerprint)
     for i in range(40):
         cache.put_many({f"text {offset + i}": torch.full((8,), float(offset + i))})
         cache.get_many([f"text {j}" for j in range(offset, offset + i + 1)])
@@ -130,7 +130,7 @@ def test_cache_is_safe_under_concurrent_processes(tmp_path: Path) -> None:
     with ctx.Pool(4) as pool:
         done = pool.starmap(_fill, [(path, "fp", k * 100) for k in range(4)])
     assert sorted(done) == [0, 100, 200, 300]
-    found = PromptCache(Path(path), "fp").get_many(
+    found = EmbeddingCache(Path(path), "fp").get_many(
         [f"text {k * 100 + i}" for k in range(4) for i in range(40)]
     )
     assert len(found) == 160
@@ -142,7 +142,7 @@ def test_cached_and_uncached_heads_are_identical(
     tiny_model: LoadedModel, tmp_path: Path, prompt: str
 ) -> None:
     policy = _moderation([("c", [prompt])])
-    cache = PromptCache(tmp_path / "c.sqlite3", tiny_model.fingerprint)
+    cache = EmbeddingCache(tmp_path / "c.sqlite3", tiny_model.fingerprint)
     first = compile_policy(policy, CachedEmbedder(tiny_model.encode_texts, cache), "fp")
     second = compile_policy(policy, CachedEmbedder(tiny_model.encode_texts, cache), "fp")
     direct = compile_policy(policy, uncached(tiny_model), "fp")

@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import COLOURS, SHAPES, shape_image
+from worker.embedding_cache import CachedEmbedder, EmbeddingCache
 from worker.heads import CompiledModeration, CompiledTags, compile_policy
 from worker.model import LoadedModel
 from worker.policy import ModerationPolicy, TagsPolicy
-from worker.prompt_cache import CachedEmbedder, PromptCache
 from worker.scoring import moderation_decisions, moderation_scores, tag_probabilities, top_tags
 
 PROMPTS = [
@@ -34,7 +34,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def embedder(tiny_model: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> CachedEmbedder:
-    cache = PromptCache(tmp_path_factory.mktemp("c") / "c.sqlite3", tiny_model.fingerprint)
+    cache = EmbeddingCache(tmp_path_factory.mktemp("c") / "c.sqlite3", tiny_model.fingerprint)
     return CachedEmbedder(tiny_model.encode_texts, cache)
 
 

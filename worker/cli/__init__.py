@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli import plugins, policies, queue
+from worker.cli import evaluate, finetune, plugins, policies, queue
 from worker.cli.classify import classify
 from worker.cli.common import EXIT_FAILED, State, exits_on_errors, stderr
 from worker.documents import json_schemas, write_schemas
@@ -47,6 +47,8 @@ app.command()(queue.submit)
 app.command()(queue.result)
 app.add_typer(queue.dlq_app, name="dlq")
 app.command()(plugins.plugins)
+app.command("eval")(evaluate.eval_command)
+app.command()(finetune.finetune)
 app.add_typer(plugins.webhooks_app, name="webhooks")
 
 

@@ -1,7 +1,9 @@
-"""On-disk prompt-embedding cache, keyed by (model fingerprint, exact prompt text).
+"""On-disk embedding caches, keyed by (model fingerprint, key).
 
-SQLite in WAL mode: many worker processes may read and fill it at once. Editing one
-category of a policy re-encodes only the texts that are new; everything else is a hit.
+Prompts are keyed by their exact text (editing one category of a policy re-encodes only
+the texts that are new); images by the sha256 of their bytes (re-running `worker eval`
+after a policy edit encodes no image). SQLite in WAL mode: many worker processes may read
+and fill a cache at once.
 """
 
 from __future__ import annotations
@@ -19,56 +21,56 @@ from worker.log import get_logger
 log = get_logger(__name__)
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS prompt_embeddings (
+CREATE TABLE IF NOT EXISTS {table} (
     fingerprint TEXT NOT NULL,
-    text TEXT NOT NULL,
+    key TEXT NOT NULL,
     dim INTEGER NOT NULL,
     vector BLOB NOT NULL,
-    PRIMARY KEY (fingerprint, text)
+    PRIMARY KEY (fingerprint, key)
 ) WITHOUT ROWID
 """
+TABLES = {"prompt": "prompt_embeddings", "image": "image_embeddings"}
 _LOOKUP_CHUNK = 500  # stay under SQLite's bound-parameter limit
 
 
-class PromptCache:
-    """A persistent ``text -> float32 vector`` store for one model fingerprint."""
+class EmbeddingCache:
+    """A persistent ``key -> float32 vector`` store for one model fingerprint."""
 
-    def __init__(self, path: Path, fingerprint: str) -> None:
+    def __init__(self, path: Path, fingerprint: str, kind: str = "prompt") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.fingerprint = fingerprint
+        self.table = TABLES[kind]
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(path, timeout=60.0, check_same_thread=False)
         with self._lock, self._conn:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute(_SCHEMA)
+            self._conn.execute(_SCHEMA.format(table=self.table))
 
-    def get_many(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def get_many(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         found: dict[str, torch.Tensor] = {}
-        unique = list(dict.fromkeys(texts))
+        unique = list(dict.fromkeys(keys))
         with self._lock:
             for start in range(0, len(unique), _LOOKUP_CHUNK):
                 chunk = unique[start : start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 rows = self._conn.execute(
-                    f"SELECT text, vector FROM prompt_embeddings "
-                    f"WHERE fingerprint = ? AND text IN ({marks})",
+                    f"SELECT key, vector FROM {self.table} "
+                    f"WHERE fingerprint = ? AND key IN ({marks})",
                     [self.fingerprint, *chunk],
                 ).fetchall()
-                for text, blob in rows:
-                    found[text] = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
+                for key, blob in rows:
+                    found[key] = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
         return found
 
     def put_many(self, embeddings: Mapping[str, torch.Tensor]) -> None:
         rows = [
-            (self.fingerprint, text, int(vec.numel()), vec.float().cpu().numpy().tobytes())
-            for text, vec in embeddings.items()
+            (self.fingerprint, key, int(vec.numel()), vec.float().cpu().numpy().tobytes())
+            for key, vec in embeddings.items()
         ]
         with self._lock, self._conn:
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO prompt_embeddings VALUES (?, ?, ?, ?)", rows
-            )
+            self._conn.executemany(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?, ?)", rows)
 
     def close(self) -> None:
         with self._lock:
@@ -84,7 +86,7 @@ class CachedEmbedder:
     def __init__(
         self,
         encode: Callable[[Sequence[str]], torch.Tensor],
-        cache: PromptCache | None,
+        cache: EmbeddingCache | None,
         on_progress: Callable[[int, int], None] | None = None,
         chunk_size: int = 256,
     ) -> None:

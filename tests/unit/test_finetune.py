@@ -1,0 +1,289 @@
+"""`worker finetune` on a synthetic domain with a tiny pre-trained CLIP.
+
+The domain: *outlined* shapes on cluttered backgrounds, labelled by colour. The tiny CLIP
+was pre-trained on *filled* shapes on plain backgrounds, so its zero-shot accuracy there
+is near chance; fine-tuning should lift it well past that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic import write_shape_set
+
+pytestmark = pytest.mark.slow
+EPOCHS = ["--epochs", "20", "--lr", "3e-3", "--batch-size", "32", "--patience", "8"]
+
+
+def worker(
+    env: dict[str, str], *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shape_set(
+        tmp_path_factory.mktemp("domain"), per_class=60, style="outline", label="colour", seed=3
+    )
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shape_set(
+        tmp_path_factory.mktemp("control"), per_class=15, style="filled", label="colour", seed=4
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path, trained_model_name: str) -> dict[str, str]:
+    return {
+        "WORKER_MODEL__NAME": trained_model_name,
+        "WORKER_CACHE_DIR": str(tmp_path / "cache"),
+        "WORKER_DEVICE": "cpu",
+        "WORKER_LOG_FORMAT": "json",
+    }
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory, trained_model_name: str, domain: Path) -> Path:
+    out = tmp_path_factory.mktemp("tuned") / "ckpt"
+    env = {
+        "WORKER_MODEL__NAME": trained_model_name,
+        "WORKER_DEVICE": "cpu",
+        "WORKER_LOG_FORMAT": "json",
+        "WORKER_CACHE_DIR": str(out.parent / "cache"),
+    }
+    proc = worker(env, "finetune", "--data", str(domain), "--out", str(out), *EPOCHS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_finetune_beats_zero_shot_by_15_points(tuned: Path) -> None:
+    report = json.loads((tuned / "report.json").read_text())
+    before = report["zero_shot"]["held_out_acc"]
+    after = report["fine_tuned"]["held_out_acc"]
+    assert after - before >= 0.15, (before, after)
+    text = (tuned / "report.md").read_text()
+    assert f"{100 * before:.1f}%" in text
+    assert f"{100 * after:.1f}%" in text
+    assert len(report["alpha_curve"]) == 11
+    assert report["history"]["epochs"][0]["epoch"] == 1
+    assert set(report["fine_tuned"]["per_class"]) == {"red", "green", "blue", "yellow", "purple"}
+    assert (tuned / "training_curve.png").stat().st_size > 5000
+    assert report["throughput"]["train_images_per_s"] > 0
+
+
+def test_checkpoint_serves_with_a_new_fingerprint(
+    tuned: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    report = json.loads((tuned / "report.json").read_text())
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "colours.yaml").write_text(
+        "name: colours\nkind: tags\ntemplates: simple\ntop_k: 1\n"
+        "tags: [red, green, blue, yellow, purple]\n"
+    )
+    samples = write_shape_set(
+        tmp_path / "samples", per_class=2, style="outline", label="colour", seed=9
+    )
+    served = {**env, "WORKER_MODEL__NAME": f"local-dir:{tuned}", "WORKER_POLICY_DIR": str(policies)}
+    proc = worker(served, "classify", str(samples.parent / "images"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    docs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(docs) == 10
+    assert {d["model"]["fingerprint"] for d in docs} == {report["fingerprint"]}
+    assert report["fingerprint"] != report["base_model"]["fingerprint"]
+    assert all(d["model"]["name"] == f"local-dir:{tuned}" for d in docs)
+    correct = sum(Path(d["image"]["uri"]).name.split("-")[1] == d["labels"][0] for d in docs)
+    assert correct >= 6  # the served model does the domain task
+
+
+def test_control_set_bounds_the_wise_alpha(
+    tmp_path: Path, env: dict[str, str], domain: Path, control: Path
+) -> None:
+    out = tmp_path / "ckpt"
+    proc = worker(
+        env,
+        "finetune",
+        "--data",
+        str(domain),
+        "--out",
+        str(out),
+        *EPOCHS,
+        "--control",
+        str(control),
+        "--control-margin",
+        "0.05",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    c = report["control"]
+    assert c["within_margin"]
+    assert c["chosen_acc"] >= c["zero_shot_acc"] - 0.05
+    chosen = next(p for p in report["alpha_curve"] if p["alpha"] == report["alpha"])
+    assert chosen["control_acc"] == c["chosen_acc"]
+    violating = [p for p in report["alpha_curve"] if p["control_acc"] < c["zero_shot_acc"] - 0.05]
+    best_val = max(report["alpha_curve"], key=lambda p: p["val_acc"])
+    # The constraint mattered: the unconstrained best α would have broken it.
+    assert violating
+    assert best_val in violating
+    assert report["alpha"] < best_val["alpha"]
+    assert "control" in (out / "report.md").read_text()
+
+
+def test_interrupted_run_resumes_not_restarts(
+    tmp_path: Path, env: dict[str, str], domain: Path
+) -> None:
+    out = tmp_path / "ckpt"
+    log = tmp_path / "first.log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker",
+                "finetune",
+                "--data",
+                str(domain),
+                "--out",
+                str(out),
+                "--epochs",
+                "6",
+                "--lr",
+                "3e-3",
+                "--patience",
+                "6",
+            ],
+            env={**os.environ, **env},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 300
+        while '"epoch": 1' not in log.read_text() or "finetune.epoch_saved" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # an interruption after the first epoch
+        proc.wait(30)
+    saved = [
+        json.loads(x)
+        for x in log.read_text().splitlines()
+        if x.startswith("{") and "epoch_saved" in x
+    ]
+    assert [e["epoch"] for e in saved][:1] == [1]
+    assert not (out / "report.json").exists()
+
+    again = worker(env, "finetune", "--data", str(domain), "--out", str(out))
+    assert again.returncode == 2
+    assert "add --resume" in again.stderr
+
+    resumed = worker(
+        env,
+        "finetune",
+        "--data",
+        str(domain),
+        "--out",
+        str(out),
+        "--epochs",
+        "6",
+        "--lr",
+        "3e-3",
+        "--patience",
+        "6",
+        "--resume",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = [json.loads(x) for x in resumed.stderr.splitlines() if x.startswith("{")]
+    assert [e["from_epoch"] for e in events if e["event"] == "finetune.resumed"] == [len(saved) + 1]
+    second_run_epochs = [e["epoch"] for e in events if e["event"] == "finetune.epoch_saved"]
+    assert second_run_epochs[0] == len(saved) + 1  # continued, did not start again at 1
+    report = json.loads((out / "report.json").read_text())
+    assert [e["epoch"] for e in report["history"]["epochs"]] == list(range(1, 7))
+    assert not (out / ".resume").exists()  # cleaned up once finished
+
+
+def _csv(root: Path, rows: list[str]) -> Path:
+    path = root / "labels.csv"
+    path.write_text("image,label,split\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_bad_data_fails_before_training(tmp_path: Path, env: dict[str, str], domain: Path) -> None:
+    root = domain.parent
+    good = domain.read_text().splitlines()[1:]
+    no_purple = [r for r in good if not r.endswith(",purple")]
+    purple = [r.rsplit(",", 1)[0] for r in good if r.endswith(",purple")]
+    (root / "images" / "garbage.png").write_bytes(b"not a png at all")
+    cases = {
+        "missing file": ([*good, "images/nope.png,red,train"], "nope.png", "missing file"),
+        "unreadable image": (
+            [*good, "images/garbage.png,red,train"],
+            "garbage.png",
+            "unreadable image",
+        ),
+        "unknown label": (
+            [*good, good[0].rsplit(",", 1)[0].rsplit(",", 1)[0] + ",magenta,train"],
+            "magenta",
+            "unknown label",
+        ),
+        "too few": (
+            no_purple + [f"{p},purple,train" for p in purple[:3]] + [f"{purple[3]},purple,val"],
+            "class 'purple' has 3 image(s) in the train split",
+            "at least 5 are needed",
+        ),
+        "empty class": (
+            no_purple + [f"{p},purple,val" for p in purple[:4]],
+            "class 'purple'",
+            "has no images in the train split",
+        ),
+    }
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "colours.yaml").write_text(
+        "name: colours\nkind: tags\ntags: [red, green, blue, yellow, purple]\n"
+    )
+    for name, (rows, subject, fragment) in cases.items():
+        csv_dir = tmp_path / name.replace(" ", "-")
+        csv_dir.mkdir()
+        (csv_dir / "images").symlink_to(root / "images")
+        data = _csv(csv_dir, rows)
+        started = time.monotonic()
+        proc = worker(
+            {**env, "WORKER_POLICY_DIR": str(policies)},
+            "finetune",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / f"out-{name}"),
+            "--policy",
+            "colours",
+        )
+        assert proc.returncode != 0, name
+        assert subject in proc.stderr, (name, proc.stderr[-1500:])
+        assert fragment in proc.stderr, (name, proc.stderr[-1500:])
+        assert "model.loaded" not in proc.stderr, name  # nothing was trained, not even loaded
+        assert time.monotonic() - started < 60
+    # An empty class folder in the folder-per-class layout.
+    folders = tmp_path / "folders"
+    for colour in ("red", "green"):
+        (folders / colour).mkdir(parents=True)
+    (folders / "red" / "a.png").write_bytes((root / "images").glob("*.png").__next__().read_bytes())
+    proc = worker(env, "finetune", "--data", str(folders), "--out", str(tmp_path / "out-folders"))
+    assert proc.returncode != 0
+    assert "green: empty class folder" in proc.stderr

@@ -1,0 +1,182 @@
+"""`worker eval`: metrics, plots and suggested thresholds for a policy on labelled data."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from worker.cli.common import EXIT_CONFIG, exits_on_errors, state, stderr
+from worker.datasets import read_labelled, validate
+from worker.embedder import embed_files
+from worker.embedding_cache import EmbeddingCache
+from worker.eval_report import category_table_rows, write_report
+from worker.evaluation import EvalReport, evaluate, policy_scores, summarise
+from worker.heads import CompiledModeration
+from worker.policy import class_ids, select_policies
+from worker.policyset import CACHE_FILE
+from worker.runtime import compile_configured, load_configured_model
+from worker.thresholds import update_thresholds, write_atomically
+
+
+def eval_command(
+    ctx: typer.Context,
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Labelled images: a folder per class, or CSV/JSONL "
+            "with image,label[,split] (labels ';'-separated; empty = none).",
+        ),
+    ],
+    policy: Annotated[str, typer.Option("--policy", "-p", help="Policy name or YAML path.")],
+    target_precision: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            max=1,
+            help="Suggest the threshold with the most recall at this precision [default: 0.9].",
+        ),
+    ] = None,
+    target_recall: Annotated[
+        float | None,
+        typer.Option(
+            min=0, max=1, help="Suggest the threshold with the most precision at this recall."
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where reports and plots go.")] = Path(
+        "eval-out"
+    ),
+    write_thresholds: Annotated[
+        bool, typer.Option("--write-thresholds", help="Write suggestions into the policy YAML.")
+    ] = False,
+    split: Annotated[
+        str | None, typer.Option(help="Only this split (train | val | test) [default: all].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 64,
+) -> None:
+    """Measure a policy on labelled data and suggest thresholds for a target precision or recall.
+
+    Writes metrics.json, report.md, pr_curves.png and histograms.png to --out. Image
+    embeddings are cached per model, so re-running after a policy edit encodes no image.
+    """
+    if target_precision is not None and target_recall is not None:
+        stderr.print("[red]error[/red] give --target-precision or --target-recall, not both")
+        raise typer.Exit(EXIT_CONFIG)
+    settings = state(ctx).settings
+    started = time.perf_counter()
+    with exits_on_errors():
+        chosen = select_policies([policy], settings.policy_dir)
+        if len(chosen) != 1:
+            names = ", ".join(p.name for p in chosen)
+            stderr.print(f"[red]error[/red] {policy} holds several policies ({names}); name one")
+            raise typer.Exit(EXIT_CONFIG)
+        loaded = chosen[0]
+        dataset = read_labelled(data)
+        if split is not None:
+            dataset.examples = dataset.split(split)
+        classes = class_ids(loaded.policy)
+        validate(dataset, classes=classes, min_per_class=0, splits=())  # before the model loads
+        model = load_configured_model(settings)
+        compiled = compile_configured(settings, model, [loaded]).compiled[loaded.name]
+        cache = EmbeddingCache(settings.cache_dir / CACHE_FILE, model.fingerprint, kind="image")
+        progress = Progress(
+            TextColumn("embedding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=True,
+        )
+        with progress:
+            task = progress.add_task("images", total=len(dataset.examples))
+            embedded = embed_files(
+                model,
+                [e.path for e in dataset.examples],
+                cache,
+                max_pixels=settings.image.max_pixels,
+                allowed_formats=settings.image.allowed_formats,
+                batch_size=batch_size,
+                workers=settings.decode_workers,
+                on_progress=lambda n: progress.advance(task, n),
+            )
+        cache.close()
+    scores = policy_scores(compiled, embedded.embeddings, model.logit_scale)
+    truth = np.array([[c in e.labels for c in classes] for e in dataset.examples], dtype=bool)
+    target = (
+        {"recall": target_recall}
+        if target_recall is not None
+        else {"precision": target_precision or 0.9}
+    )
+    categories = evaluate(
+        compiled,
+        truth,
+        scores,
+        target_precision=target.get("precision"),
+        target_recall=target.get("recall"),
+    )
+    macro, micro = summarise(categories, truth, scores)
+    seconds = time.perf_counter() - started
+    report = EvalReport(
+        policy=loaded.name,
+        kind="moderation" if isinstance(compiled, CompiledModeration) else "tags",
+        version=compiled.version,
+        model=model.describe(),
+        images=len(dataset.examples),
+        target={k: float(v) for k, v in target.items() if v is not None},
+        categories=categories,
+        macro=macro,
+        micro=micro,
+        timings={
+            "seconds": round(seconds, 2),
+            "encoded": embedded.encoded,
+            "cached": embedded.cached,
+        },
+    )
+    written = write_report(report, truth, scores, out)
+    table = Table(title=f"{loaded.name} on {len(dataset.examples)} images", title_justify="left")
+    for column in (
+        "category",
+        "positives",
+        "AP",
+        "ROC-AUC",
+        "threshold",
+        "precision",
+        "recall",
+        "FPR",
+        "suggested",
+    ):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for row in category_table_rows(categories):
+        table.add_row(*row)
+    Console(width=120).print(table)
+    stderr.print(
+        f"embedded {len(dataset.examples)} images ({embedded.encoded} encoded, {embedded.cached} "
+        f"from the cache); eval took {seconds:.1f} s; wrote {', '.join(str(p) for p in written)}"
+    )
+    if write_thresholds:
+        _write_back(loaded.path, loaded.name, categories)
+
+
+def _write_back(path: Path, name: str, categories: list) -> None:  # type: ignore[type-arg]
+    suggestions = {
+        c.id: c.suggested_threshold for c in categories if c.suggested_threshold is not None
+    }
+    if not suggestions:
+        stderr.print("no threshold to write: no category reached the target")
+        return
+    with exits_on_errors():
+        text, diff = update_thresholds(path, name, suggestions)
+    if not diff:
+        stderr.print(f"{path}: thresholds already at the suggestions")
+        return
+    write_atomically(path, text)
+    typer.echo(diff, nl=False)
+    stderr.print(f"wrote {len(suggestions)} threshold(s) into {path}")

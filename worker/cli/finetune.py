@@ -1,0 +1,168 @@
+"""`worker finetune`: adapt the model to labelled domain data; write a servable checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from worker.cli.common import EXIT_CONFIG, exits_on_errors, state, stderr
+from worker.finetune import TrainConfig
+from worker.finetune_report import write
+from worker.finetune_run import DEFAULT_ALPHAS, STATE_DIR, FinetuneOptions, check_data, run_finetune
+from worker.policy import select_policies
+from worker.runtime import load_configured_model
+from worker.templates import TEMPLATE_SETS
+
+
+def finetune(
+    ctx: typer.Context,
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Labelled images: a folder per class, or "
+            "CSV/JSONL with image,label[,split] (labels ';'-separated).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            "-p",
+            help="Map labels to this policy's "
+            "categories/tags: their prompts become the class texts.",
+        ),
+    ] = None,
+    templates: Annotated[
+        str,
+        typer.Option(
+            help="Template set for label names without --policy: " + ", ".join(TEMPLATE_SETS) + "."
+        ),
+    ] = "simple",
+    method: Annotated[
+        str, typer.Option(help="flyp (contrastive against the class prompts) or lp-ft.")
+    ] = "flyp",
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    lr: Annotated[float, typer.Option(min=0, help="Peak learning rate (AdamW).")] = 1e-5,
+    weight_decay: Annotated[float, typer.Option(min=0)] = 0.1,
+    warmup: Annotated[float, typer.Option(min=0, max=1, help="Share of steps warming up.")] = 0.1,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Batches per optimizer step.")] = 1,
+    train_text: Annotated[
+        bool, typer.Option(help="Also train the text tower (frozen by default).")
+    ] = False,
+    patience: Annotated[
+        int, typer.Option(min=1, help="Epochs without val gain before stopping.")
+    ] = 3,
+    seed: Annotated[int, typer.Option()] = 0,
+    control: Annotated[
+        Path | None,
+        typer.Option(
+            help="A general labelled set whose accuracy must not drop more than --control-margin."
+        ),
+    ] = None,
+    control_margin: Annotated[
+        float, typer.Option(min=0, max=1, help="Allowed control accuracy drop (0.02 = 2 points).")
+    ] = 0.02,
+    min_per_class: Annotated[int, typer.Option(min=1, help="Fewest train images per class.")] = 5,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader processes.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
+) -> None:
+    """Fine-tune the image tower on labelled domain data, pick a WiSE-FT α, write a checkpoint.
+
+    The data are checked first (missing files, unreadable images, unknown labels, empty or
+    tiny classes) and nothing trains until every problem is fixed. The output directory
+    then holds an open_clip local-dir checkpoint (serve it with
+    WORKER_MODEL__NAME=local-dir:OUT), report.json, report.md and training_curve.png.
+    """
+    settings = state(ctx).settings
+    if method not in {"flyp", "lp-ft"}:
+        stderr.print(f"[red]error[/red] --method must be flyp or lp-ft, not {method!r}")
+        raise typer.Exit(EXIT_CONFIG)
+    if templates not in TEMPLATE_SETS:
+        stderr.print(
+            f"[red]error[/red] unknown template set {templates!r} ({', '.join(TEMPLATE_SETS)})"
+        )
+        raise typer.Exit(EXIT_CONFIG)
+    pending = (out / STATE_DIR / "state.pt").is_file()
+    if resume and not pending:
+        stderr.print(f"[red]error[/red] nothing to resume: {out / STATE_DIR} has no saved state")
+        raise typer.Exit(EXIT_CONFIG)
+    if pending and not resume:
+        stderr.print(
+            f"[red]error[/red] {out} holds an interrupted run: "
+            "add --resume, or choose another --out"
+        )
+        raise typer.Exit(EXIT_CONFIG)
+    train = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup,
+        grad_accum=grad_accum,
+        train_text=train_text,
+        method=method,
+        patience=patience,
+        seed=seed,
+        workers=workers,
+    )
+    with exits_on_errors():
+        chosen = select_policies([policy], settings.policy_dir)[:1] if policy else []
+        opts = FinetuneOptions(
+            data=data,
+            out=out,
+            policy=chosen[0] if chosen else None,
+            templates=templates,
+            control=control,
+            control_margin=control_margin,
+            alphas=DEFAULT_ALPHAS,
+            min_per_class=min_per_class,
+            resume=resume,
+            train=train,
+        )
+        dataset, control_set, labels = check_data(opts)
+        stderr.print(f"data ok: {len(dataset.examples)} images, classes {', '.join(labels)}")
+        model = load_configured_model(settings)
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=stderr,
+        )
+        task = progress.add_task("epochs", total=epochs, info="")
+
+        def on_epoch(record: dict[str, float]) -> None:
+            progress.update(
+                task,
+                completed=record["epoch"],
+                info=f"loss {record['train_loss']:.3f} train {record['train_acc']:.1%} "
+                f"val {record['val_acc']:.1%}",
+            )
+
+        def on_step(epoch: int, batch: int, loss: float) -> None:
+            progress.update(task, info=f"epoch {epoch} batch {batch} loss {loss:.3f}")
+
+        with progress:
+            report = run_finetune(
+                settings,
+                model,
+                opts,
+                dataset,
+                control_set,
+                labels,
+                {"epoch": on_epoch, "step": on_step},
+            )
+    paths = write(report, out)
+    zs, ft = report["zero_shot"]["held_out_acc"], report["fine_tuned"]["held_out_acc"]
+    stderr.print(
+        f"held-out accuracy {zs:.1%} zero-shot → {ft:.1%} fine-tuned (α = {report['alpha']:.1f}); "
+        f"wrote {report['checkpoint']} and {', '.join(p.name for p in paths)}"
+    )

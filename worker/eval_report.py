@@ -1,0 +1,205 @@
+"""Writing `worker eval` results: metrics.json, report.md and PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from worker import metrics
+from worker.evaluation import CategoryMetrics, EvalReport
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+COLUMNS = (
+    "category",
+    "action",
+    "positives",
+    "negatives",
+    "AP",
+    "ROC-AUC",
+    "threshold",
+    "precision",
+    "recall",
+    "F1",
+    "FPR",
+    "suggested",
+    "→ precision",
+    "→ recall",
+    "review band",
+)
+
+
+def markdown(report: EvalReport) -> str:
+    target = ", ".join(f"{k} ≥ {v:g}" for k, v in report.target.items())
+    lines = [
+        f"# Evaluation of policy `{report.policy}`",
+        "",
+        f"- images: {report.images}; model `{report.model['name']}` "
+        f"(fingerprint `{report.model['fingerprint']}`); policy version `{report.version[:12]}`",
+        f"- suggested thresholds aim for {target}",
+        f"- embedding: {report.timings.get('encoded', 0)} image(s) encoded, "
+        f"{report.timings.get('cached', 0)} from the cache, "
+        f"{report.timings.get('seconds', 0):.1f} s in all",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|---|---|" + "---:|" * (len(COLUMNS) - 3) + "---|",
+    ]
+    for c in report.categories:
+        band = f"{_fmt(c.review_band[0])}–{_fmt(c.review_band[1])}" if c.review_band else ""
+        cells = [
+            c.id,
+            c.action,
+            str(c.support),
+            str(c.negatives),
+            _fmt(c.average_precision),
+            _fmt(c.roc_auc),
+            _fmt(c.threshold, 2),
+            _fmt(c.precision),
+            _fmt(c.recall),
+            _fmt(c.f1),
+            _fmt(c.fpr),
+            _fmt(c.suggested_threshold),
+            _fmt(c.suggested_precision),
+            _fmt(c.suggested_recall),
+            band,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    m, u = report.macro, report.micro
+    lines += [
+        "",
+        f"**Macro** (classes with positives): AP {_fmt(m['average_precision'])}, ROC-AUC "
+        f"{_fmt(m['roc_auc'])}, precision {_fmt(m['precision'])}, recall {_fmt(m['recall'])}, "
+        f"F1 {_fmt(m['f1'])}.",
+        f"**Micro** at the current thresholds: precision {_fmt(u['precision'])}, recall "
+        f"{_fmt(u['recall'])}, F1 {_fmt(u['f1'])}.",
+        "",
+        "How to read this: *precision* is the share of flagged images that really belong to "
+        "the category; *recall* the share of the category's images that get flagged; *FPR* the "
+        "share of other images flagged by mistake. *suggested* is the threshold that meets the "
+        "target with the most recall (or precision). For `review` categories the *review band* "
+        f"runs from the threshold catching {metrics_band()} of positives to the one that is "
+        "right 90% of the time: send images in between to a person.",
+        "",
+        "Plots: `pr_curves.png` (precision-recall per category, current threshold ●, suggested ▲) "
+        "and `histograms.png` (scores of positives vs negatives, thresholds as lines).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def metrics_band() -> str:
+    from worker.evaluation import BAND_RECALL
+
+    return f"{BAND_RECALL:.0%}"
+
+
+def _grid(count: int) -> tuple[int, int]:
+    cols = min(4, max(count, 1))
+    return math.ceil(count / cols), cols
+
+
+def plot_pr_curves(report: EvalReport, truth: np.ndarray, scores: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = _grid(len(report.categories))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+    for ax, (index, c) in zip(axes.flat, enumerate(report.categories), strict=False):
+        y, s = truth[:, index], scores[:, index]
+        ax.set_title(f"{c.id} (AP {_fmt(c.average_precision, 2)}, n+={c.support})", fontsize=9)
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("recall", fontsize=8)
+        ax.set_ylabel("precision", fontsize=8)
+        if not y.any():
+            ax.text(0.5, 0.5, "no positives", ha="center", fontsize=8)
+            continue
+        precision, recall, _ = metrics.precision_recall_curve(y, s)
+        ax.step(recall, precision, where="post", color="tab:blue")
+        ax.plot([c.recall], [c.precision], "o", color="tab:red", label=f"current {c.threshold:.2f}")
+        if c.suggested_threshold is not None:
+            ax.plot(
+                [c.suggested_recall],
+                [c.suggested_precision],
+                "^",
+                color="tab:green",
+                label=f"suggested {c.suggested_threshold:.2f}",
+            )
+        ax.legend(fontsize=7, loc="lower left")
+    for ax in list(axes.flat)[len(report.categories) :]:
+        ax.axis("off")
+    fig.suptitle(f"precision-recall, policy {report.policy}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_histograms(report: EvalReport, truth: np.ndarray, scores: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = _grid(len(report.categories))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.0 * rows), squeeze=False)
+    bins = np.linspace(0, 1, 41)
+    for ax, (index, c) in zip(axes.flat, enumerate(report.categories), strict=False):
+        y, s = truth[:, index].astype(bool), scores[:, index]
+        ax.hist(s[~y], bins=bins, alpha=0.6, color="tab:gray", label=f"negatives ({(~y).sum()})")
+        ax.hist(s[y], bins=bins, alpha=0.7, color="tab:orange", label=f"positives ({y.sum()})")
+        ax.axvline(c.threshold, color="tab:red", linestyle="--", linewidth=1, label="current")
+        if c.suggested_threshold is not None:
+            ax.axvline(c.suggested_threshold, color="tab:green", linewidth=1, label="suggested")
+        ax.set_title(c.id, fontsize=9)
+        ax.set_xlabel("score", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(report.categories) :]:
+        ax.axis("off")
+    fig.suptitle(f"score distributions, policy {report.policy}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(
+    report: EvalReport, truth: np.ndarray, scores: np.ndarray, out_dir: Path
+) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [
+        out_dir / "metrics.json",
+        out_dir / "report.md",
+        out_dir / "pr_curves.png",
+        out_dir / "histograms.png",
+    ]
+    written[0].write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    written[1].write_text(markdown(report), encoding="utf-8")
+    plot_pr_curves(report, truth, scores, written[2])
+    plot_histograms(report, truth, scores, written[3])
+    return written
+
+
+def category_table_rows(categories: list[CategoryMetrics]) -> list[list[str]]:
+    return [
+        [
+            c.id,
+            str(c.support),
+            _fmt(c.average_precision),
+            _fmt(c.roc_auc),
+            _fmt(c.threshold, 2),
+            _fmt(c.precision),
+            _fmt(c.recall),
+            _fmt(c.fpr),
+            _fmt(c.suggested_threshold),
+        ]
+        for c in categories
+    ]

@@ -1,0 +1,168 @@
+"""`worker eval`: score a labelled set with a policy, measure each category, suggest thresholds.
+
+Scores come from the same code that serves (``heads`` + ``scoring``), so what is measured
+is what runs. Image embeddings come from the cache when this model has seen the image
+before, so re-checking after a policy edit costs a recompile of the edited prompts only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker import metrics
+from worker.heads import CompiledModeration, CompiledPolicy
+from worker.policy import class_ids
+from worker.scoring import moderation_scores, tag_probabilities
+
+#: Review bands: below the low edge pass, above the high edge act, between -> a human.
+BAND_RECALL = 0.9
+BAND_PRECISION = 0.9
+
+
+@dataclass
+class CategoryMetrics:
+    id: str
+    action: str
+    support: int  # positives
+    negatives: int
+    average_precision: float
+    roc_auc: float
+    threshold: float  # the policy's current threshold
+    precision: float
+    recall: float
+    f1: float
+    fpr: float
+    suggested_threshold: float | None = None
+    suggested_precision: float | None = None
+    suggested_recall: float | None = None
+    review_band: tuple[float, float] | None = None
+
+
+@dataclass
+class EvalReport:
+    policy: str
+    kind: str
+    version: str
+    model: dict[str, str]
+    images: int
+    target: dict[str, float]
+    categories: list[CategoryMetrics]
+    macro: dict[str, float] = field(default_factory=dict)
+    micro: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        finite: dict[str, Any] = _finite(asdict(self))
+        return finite
+
+
+def _finite(value: Any) -> Any:
+    """NaN -> None, recursively (JSON has no NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def policy_scores(
+    compiled: CompiledPolicy, embeddings: torch.Tensor, logit_scale: float
+) -> np.ndarray:
+    """(N, C) scores of every class of the policy, as the worker would compute them."""
+    emb = embeddings.to(compiled.matrix.device)
+    if isinstance(compiled, CompiledModeration):
+        return moderation_scores(emb, compiled, logit_scale).cpu().double().numpy()
+    return tag_probabilities(emb, compiled, logit_scale).cpu().double().numpy()
+
+
+def _current_threshold(compiled: CompiledPolicy, index: int) -> tuple[float, str]:
+    if isinstance(compiled, CompiledModeration):
+        category = compiled.policy.categories[index]
+        return category.threshold, category.action
+    return compiled.policy.min_score, "tag"
+
+
+def evaluate(
+    compiled: CompiledPolicy,
+    truth: np.ndarray,
+    scores: np.ndarray,
+    *,
+    target_precision: float | None = None,
+    target_recall: float | None = None,
+) -> list[CategoryMetrics]:
+    """Per-class metrics. ``truth`` is (N, C) bool, ``scores`` (N, C)."""
+    out = []
+    for index, class_id in enumerate(class_ids(compiled.policy)):
+        y, s = truth[:, index], scores[:, index]
+        threshold, action = _current_threshold(compiled, index)
+        at = metrics.at_threshold(y, s, threshold)
+        has_both = 0 < y.sum() < y.size
+        item = CategoryMetrics(
+            id=class_id,
+            action=action,
+            support=int(y.sum()),
+            negatives=int(y.size - y.sum()),
+            average_precision=metrics.average_precision(y, s) if y.any() else float("nan"),
+            roc_auc=metrics.roc_auc(y, s) if has_both else float("nan"),
+            threshold=threshold,
+            precision=at.precision,
+            recall=at.recall,
+            f1=at.f1,
+            fpr=at.fpr,
+        )
+        if y.any():
+            if target_recall is not None:
+                suggested = metrics.threshold_for_recall(y, s, target_recall)
+            else:
+                suggested = metrics.threshold_for_precision(y, s, target_precision or 0.9)
+            if suggested is not None:
+                sat = metrics.at_threshold(y, s, suggested)
+                item.suggested_threshold = suggested
+                item.suggested_precision = sat.precision
+                item.suggested_recall = sat.recall
+            if action == "review":
+                low = metrics.threshold_for_recall(y, s, BAND_RECALL)
+                high = metrics.threshold_for_precision(y, s, BAND_PRECISION)
+                if low is not None and high is not None:
+                    item.review_band = (min(low, high), max(low, high))
+        out.append(item)
+    return out
+
+
+def summarise(
+    categories: list[CategoryMetrics], truth: np.ndarray, scores: np.ndarray
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Macro averages over classes with positives, and micro figures at current thresholds."""
+    with_support = [c for c in categories if c.support > 0]
+
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if not math.isnan(v)]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    macro = {
+        "average_precision": mean([c.average_precision for c in with_support]),
+        "roc_auc": mean([c.roc_auc for c in with_support]),
+        "precision": mean([c.precision for c in with_support]),
+        "recall": mean([c.recall for c in with_support]),
+        "f1": mean([c.f1 for c in with_support]),
+    }
+    thresholds = np.array([c.threshold for c in categories])
+    predicted = scores >= thresholds[None, :]
+    tp = int(np.sum(predicted & truth))
+    fp = int(np.sum(predicted & ~truth))
+    fn = int(np.sum(~predicted & truth))
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    micro = {
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    }
+    return macro, micro

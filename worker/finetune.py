@@ -1,0 +1,374 @@
+"""`worker finetune`: adapt the image tower to a labelled domain without losing zero-shot skill.
+
+Method (defaults a practitioner would choose; all switchable):
+
+1. **Contrastive fine-tuning against the class prompts** (FLYP-style): the loss is CLIP's,
+   image embeddings against the class texts' embeddings, scaled by the model's learnable
+   temperature. The text tower is frozen by default, so the class heads are the same
+   zero-shot heads the worker serves. ``--train-text`` also trains it (a sampled
+   template per class per step, as FLYP does).
+   ``--method lp-ft`` first fits a linear head initialised from the zero-shot heads with the
+   image tower frozen, then fine-tunes everything.
+2. **WiSE-FT**: the served weights are ``(1-α)·zero-shot + α·fine-tuned``; α is chosen on the
+   validation split, and with ``--control`` only among α whose control-set accuracy stays
+   within ``--control-margin`` of zero-shot.
+
+AdamW, linear warm-up then cosine decay, gradient accumulation, autocast on GPU, a seed,
+early stopping on validation accuracy, and a resume state written after every epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from worker.finetune_data import ClassTexts, ImageDataset
+from worker.log import get_logger
+from worker.model import LoadedModel
+
+log = get_logger(__name__)
+RESUME_FILE = "state.pt"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.1
+    grad_accum: int = 1
+    train_text: bool = False
+    method: str = "flyp"  # flyp | lp-ft
+    lp_epochs: int = 3
+    lp_lr: float = 1e-3
+    patience: int = 3
+    seed: int = 0
+    workers: int = 0
+
+
+@dataclass
+class History:
+    steps: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    epochs: list[dict[str, float]] = field(default_factory=list)  # epoch, losses, accuracies
+    images_per_s: float = 0.0
+    peak_memory_mb: float | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def trainable_names(model: Any, train_text: bool) -> list[str]:
+    """Parameters fine-tuning changes: the image tower and the temperature (+ text tower)."""
+    names = []
+    for name, _ in model.named_parameters():
+        if name.startswith("visual.") or name == "logit_scale" or train_text:
+            names.append(name)
+    return names
+
+
+def trainable_state(model: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().clone() for n in names}
+
+
+def load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def interpolate(
+    zero_shot: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """WiSE-FT: ``(1-α)·zero-shot + α·tuned``, tensor by tensor."""
+    return {
+        n: torch.lerp(zero_shot[n].float(), tuned[n].float(), alpha).to(zero_shot[n].dtype)
+        for n in zero_shot
+    }
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(warmup_steps, 1)
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _autocast(device: torch.device) -> Any:
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+class Trainer:
+    """One fine-tuning run; ``fit`` can be resumed from the state it saves each epoch."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        classes: ClassTexts,
+        heads: torch.Tensor,
+        train_set: ImageDataset,
+        evaluate: Callable[[], float],
+        config: TrainConfig,
+        state_dir: Path,
+    ) -> None:
+        self.m = model
+        self.net = model.model
+        self.classes = classes
+        self.zero_shot_heads = heads
+        self.train_set = train_set
+        self.evaluate = evaluate
+        self.cfg = config
+        self.state_dir = state_dir
+        self.names = trainable_names(self.net, config.train_text)
+        self.history = History()
+        self.tokenizer = model.tokenizer
+
+    # ------------------------------------------------------------------ the loss
+
+    def _heads(self, probe: torch.Tensor | None) -> torch.Tensor:
+        if probe is not None:
+            return F.normalize(probe, dim=-1)
+        if not self.cfg.train_text:
+            return self.zero_shot_heads
+        texts = [random.choice(group) for group in self.classes.texts]
+        tokens = self.tokenizer(texts).to(self.m.device)
+        return F.normalize(self.net.encode_text(tokens), dim=-1)
+
+    def _step_loss(
+        self, pixels: torch.Tensor, target: torch.Tensor, probe: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int]:
+        with _autocast(self.m.device):
+            features = F.normalize(self.net.encode_image(pixels), dim=-1)
+            logits = self.net.logit_scale.exp() * features.float() @ self._heads(probe).float().T
+        loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        correct = int((target.gather(1, logits.argmax(dim=1, keepdim=True)) > 0).sum())
+        return loss, correct
+
+    # ------------------------------------------------------------------ one phase
+
+    def _set_trainable(self, image_tower: bool) -> list[torch.nn.Parameter]:
+        params = []
+        for name, param in self.net.named_parameters():
+            wanted = name in self.names and (image_tower or name == "logit_scale")
+            param.requires_grad_(wanted)
+            if wanted:
+                params.append(param)
+        return params
+
+    def _loader(self, epoch: int) -> torch.utils.data.DataLoader[Any]:
+        generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        return torch.utils.data.DataLoader(
+            self.train_set,
+            batch_size=self.cfg.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) > self.cfg.batch_size,
+            num_workers=self.cfg.workers,
+            generator=generator,
+            pin_memory=self.m.device.type == "cuda",
+        )
+
+    def linear_probe(self, on_epoch: Callable[[int, float], None] | None = None) -> torch.Tensor:
+        """LP stage of LP-FT: fit a head initialised from the zero-shot heads."""
+        probe = torch.nn.Parameter(self.zero_shot_heads.clone())
+        params = [probe, *self._set_trainable(image_tower=False)]
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lp_lr, weight_decay=0.0)
+        self.net.train()
+        for epoch in range(self.cfg.lp_epochs):
+            total, count = 0.0, 0
+            for batch, labels in self._loader(1000 + epoch):
+                pixels, target = batch.to(self.m.device), labels.to(self.m.device)
+                loss, _ = self._step_loss(pixels, target, probe)
+                optimizer.zero_grad()
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                total, count = total + loss.item() * len(pixels), count + len(pixels)
+            if on_epoch:
+                on_epoch(epoch + 1, total / max(count, 1))
+        return probe.detach()
+
+    def _optimizer(
+        self, probe: torch.Tensor | None
+    ) -> tuple[Any, Any, Any, torch.nn.Parameter | None]:
+        cfg = self.cfg
+        params = self._set_trainable(image_tower=True)
+        probe_param = torch.nn.Parameter(probe.clone()) if probe is not None else None
+        if probe_param is not None:
+            params.append(probe_param)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total = max(len(self._loader(0)) // cfg.grad_accum, 1) * cfg.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total, int(total * cfg.warmup_ratio))
+        )
+        fp16 = self.m.device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        return optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=fp16), probe_param
+
+    def _train_epoch(
+        self,
+        run: _Run,
+        epoch: int,
+        on_step: Callable[[int, int, float], None] | None,
+    ) -> tuple[float, float]:
+        """One pass over the training set; returns (mean loss, accuracy)."""
+        cfg = self.cfg
+        self.net.train()
+        running, count, correct = 0.0, 0, 0
+        run.optimizer.zero_grad()
+        for index, (batch, labels) in enumerate(self._loader(epoch)):
+            pixels = batch.to(self.m.device, non_blocking=True)
+            target = labels.to(self.m.device, non_blocking=True)
+            loss, hits = self._step_loss(pixels, target, run.probe)
+            run.scaler.scale(loss / cfg.grad_accum).backward()
+            if (index + 1) % cfg.grad_accum == 0:
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+                run.optimizer.zero_grad()
+                run.scheduler.step()
+                with torch.no_grad():
+                    self.net.logit_scale.clamp_(0, math.log(100))
+            value = loss.item()
+            running, count, correct = (
+                running + value * len(pixels),
+                count + len(pixels),
+                correct + hits,
+            )
+            run.seen += len(pixels)
+            self.history.steps.append((len(self.history.steps) + 1, value))
+            if on_step:
+                on_step(epoch + 1, index + 1, value)
+        return running / max(count, 1), correct / max(count, 1)
+
+    def fit(
+        self,
+        resume: dict[str, Any] | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
+        probe: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Train; returns the best trainable state (by validation accuracy)."""
+        optimizer, scheduler, scaler, probe_param = self._optimizer(probe)
+        run = _Run(
+            optimizer,
+            scheduler,
+            scaler,
+            probe_param,
+            best_state=trainable_state(self.net, self.names),
+        )
+        if resume is not None:
+            self._restore(run, resume)
+        started = time.perf_counter()
+        if self.m.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for epoch in range(run.start_epoch, self.cfg.epochs):
+            loss, train_acc = self._train_epoch(run, epoch, on_step)
+            self.net.eval()
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": loss,
+                "train_acc": train_acc,
+                "val_acc": self.evaluate(),
+                "lr": float(scheduler.get_last_lr()[0]),
+            }
+            self.history.epochs.append(record)
+            if record["val_acc"] > run.best_acc:
+                run.best_acc, run.bad_epochs = record["val_acc"], 0
+                run.best_state = trainable_state(self.net, self.names)
+            else:
+                run.bad_epochs += 1
+            self._save(epoch + 1, run)
+            log.info("finetune.epoch_saved", **record)
+            if on_epoch:
+                on_epoch(record)
+            if run.bad_epochs >= self.cfg.patience:
+                log.info("finetune.early_stopped", epoch=epoch + 1, best_val_acc=run.best_acc)
+                break
+        elapsed = time.perf_counter() - started
+        if run.seen and elapsed > 0:
+            self.history.images_per_s = run.seen / elapsed
+        if self.m.device.type == "cuda":
+            self.history.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+        for param in self.net.parameters():
+            param.requires_grad_(False)
+        return run.best_state
+
+    def _restore(self, run: _Run, state: dict[str, Any]) -> None:
+        load_trainable(self.net, state["trainable"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        if run.probe is not None and state.get("probe") is not None:
+            with torch.no_grad():
+                run.probe.copy_(state["probe"])
+        run.start_epoch, run.best_acc, run.bad_epochs = (
+            state["epoch"],
+            state["best_acc"],
+            state["bad_epochs"],
+        )
+        run.best_state = state["best_state"]
+        self.history = state["history"]
+        torch.set_rng_state(state["rng"])
+        random.setstate(state["py_rng"])
+        log.info("finetune.resumed", from_epoch=run.start_epoch + 1)
+
+    def _save(self, epoch: int, run: _Run) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        state = {
+            "epoch": epoch,
+            "trainable": trainable_state(self.net, self.names),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "best_acc": run.best_acc,
+            "bad_epochs": run.bad_epochs,
+            "best_state": run.best_state,
+            "probe": run.probe.detach().clone() if run.probe is not None else None,
+            "history": self.history,
+            "rng": torch.get_rng_state(),
+            "py_rng": random.getstate(),
+        }
+        tmp = self.state_dir / (RESUME_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.state_dir / RESUME_FILE)
+
+
+@dataclass
+class _Run:
+    """Mutable state of one ``fit``: what the resume file captures."""
+
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    probe: torch.nn.Parameter | None
+    best_state: dict[str, torch.Tensor]
+    start_epoch: int = 0
+    best_acc: float = -1.0
+    bad_epochs: int = 0
+    seen: int = 0
+
+
+def load_resume(state_dir: Path) -> dict[str, Any] | None:
+    path = state_dir / RESUME_FILE
+    if not path.is_file():
+        return None
+    loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    return loaded
+
+
+def copy_model(model: Any) -> Any:
+    return copy.deepcopy(model)
