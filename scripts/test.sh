@@ -11,4 +11,4 @@ ruff format --check .
 echo "[test] mypy" >&2
 mypy
 echo "[test] pytest" >&2
-python -m pytest "$@"
+python -m pytest -n 2 --dist loadfile "$@"

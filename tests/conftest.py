@@ -79,7 +79,7 @@ def worker_env(
 
 @pytest.fixture(scope="session")
 def trained_model_name(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny CLIP after ~20 s of contrastive pre-training on filled coloured shapes."""
+    """The tiny CLIP after 160 steps (~20 s) of contrastive pre-training on filled shapes."""
     from tests.synthetic import pretrain_tiny_clip
 
-    return pretrain_tiny_clip(tmp_path_factory.mktemp("trained-tiny"), seconds=20.0)
+    return pretrain_tiny_clip(tmp_path_factory.mktemp("trained-tiny"))

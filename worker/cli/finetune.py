@@ -47,6 +47,10 @@ def finetune(
     method: Annotated[
         str, typer.Option(help="flyp (contrastive against the class prompts) or lp-ft.")
     ] = "flyp",
+    lp_epochs: Annotated[
+        int, typer.Option(min=1, help="lp-ft: epochs fitting the linear head first.")
+    ] = 3,
+    lp_lr: Annotated[float, typer.Option(min=0, help="lp-ft: learning rate of the head.")] = 1e-3,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     lr: Annotated[float, typer.Option(min=0, help="Peak learning rate (AdamW).")] = 1e-5,
@@ -111,6 +115,8 @@ def finetune(
         patience=patience,
         seed=seed,
         workers=workers,
+        lp_epochs=lp_epochs,
+        lp_lr=lp_lr,
     )
     with exits_on_errors():
         chosen = select_policies([policy], settings.policy_dir)[:1] if policy else []
