@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from worker.checkpoint import CONFIG_FILE, save_checkpoint
-from worker.documents import ImageRef
+from worker.documents import ImageRef, Result
 from worker.engine import Engine, WorkItem
 from worker.model import LoadedModel
 
@@ -96,14 +96,28 @@ def raw_encoder(model: LoadedModel, paths: Sequence[Path], batch_size: int) -> M
     return _timed(run, len(pixels))
 
 
-def classify_pipeline(engine: Engine, paths: Sequence[Path], batch_size: int) -> Measurement:
-    """What `worker classify` does per image: fetch, decode, preprocess, encode, score, JSON."""
+def classify_pipeline(
+    engine: Engine,
+    paths: Sequence[Path],
+    batch_size: int,
+    deliver: Callable[[Result], None] | None = None,
+    stages: dict[str, list[float]] | None = None,
+) -> Measurement:
+    """What `worker classify` does per image: fetch, decode, preprocess, encode, score, JSON
+    (and, with ``deliver``, a sink). ``stages`` collects per-image milliseconds per stage."""
     items = [WorkItem(job_id=f"bench-{i}", image=ImageRef(uri=str(p))) for i, p in enumerate(paths)]
     list(engine.stream(items[:batch_size], batch_size))  # warm-up
 
     def run() -> None:
         for result in engine.stream(items, batch_size):
             result.to_json()
+            if deliver is not None:
+                started = time.perf_counter()
+                deliver(result)
+                result.timings_ms["sink"] = (time.perf_counter() - started) * 1000
+            if stages is not None:
+                for stage, ms in result.timings_ms.items():
+                    stages.setdefault(stage, []).append(ms)
 
     return _timed(run, len(items))
 

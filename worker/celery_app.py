@@ -27,6 +27,7 @@ from worker.settings import Settings, load_settings
 
 log = get_logger(__name__)
 SCORE_TASK = "moderation.score"
+DEFAULT_BATCH = 32  # until a WORKER_BATCH__MAX_SIZE=0 worker has measured its GPU
 _created: list[Celery] = []  # apps made in this process, for the prefork child signal
 
 
@@ -73,7 +74,7 @@ def create_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         task_ignore_result=True,  # results live in mw:result:{job_id}
         task_default_queue=settings.queue.name,
-        worker_prefetch_multiplier=settings.batch.max_size,
+        worker_prefetch_multiplier=settings.batch.max_size or DEFAULT_BATCH,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
@@ -88,7 +89,7 @@ def create_app(settings: Settings) -> Celery:
         base=OutcomeBatches,
         name=SCORE_TASK,
         acks_late=True,
-        flush_every=settings.batch.max_size,
+        flush_every=settings.batch.max_size or DEFAULT_BATCH,
         flush_interval=max(settings.batch.max_wait_ms, 1) / 1000,
     )
     def score(requests: list[SimpleRequest]) -> list[bool]:
@@ -118,10 +119,14 @@ def _start(app: Celery) -> Any:
         app.send_task(SCORE_TASK, args=[job], queue=settings.queue.name)
 
     try:
-        return start_service(settings, resubmit)
+        service = start_service(settings, resubmit)
     except WorkerError as exc:
         log.error("worker.start_failed", error=str(exc))
         raise SystemExit(2) from exc
+    # The batch size may have been measured on the GPU: batches and prefetch follow it.
+    app.tasks[SCORE_TASK].flush_every = service.batch_size
+    app.conf.worker_prefetch_multiplier = service.batch_size
+    return service
 
 
 def _uses_main_process(worker: Any) -> bool:

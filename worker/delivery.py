@@ -20,6 +20,7 @@ from worker.errors import PermanentSinkError, PluginError, SinkError
 from worker.log import get_logger
 from worker.plugins import PluginContext, Sink, make_sink
 from worker.store import DeadLetter, Delivery, Store, new_delivery_id
+from worker.telemetry import Telemetry
 
 log = get_logger(__name__)
 MAX_RETRY_AFTER_S = 24 * 3600
@@ -114,8 +115,10 @@ class Deliverer:
         backoff_max_s: float,
         lease_s: float,
         resubmit: Callable[[dict[str, Any]], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.resubmit = resubmit
+        self.telemetry = telemetry
         self.store = store
         self.sinks = sinks
         self.default_sinks = list(default_sinks)
@@ -156,15 +159,21 @@ class Deliverer:
         else:
             if scheduled:
                 self.store.finish_delivery(delivery.delivery_id)
+            seconds = time.perf_counter() - started
+            self._count(sink_type, "delivered", seconds)
             log.info(
                 "sink.delivered",
                 job_id=job_id,
                 sink=sink_type,
                 attempt=delivery.attempt,
-                ms=round((time.perf_counter() - started) * 1000, 1),
+                ms=round(seconds * 1000, 1),
             )
             return True
         return False
+
+    def _count(self, sink: object, outcome: str, seconds: float | None = None) -> None:
+        if self.telemetry is not None:
+            self.telemetry.observe_delivery(str(sink), outcome, seconds)
 
     def _retry_or_give_up(self, delivery: Delivery, error: str, retry_after: float | None) -> None:
         job_id = str(delivery.job.get("job_id"))
@@ -183,6 +192,7 @@ class Deliverer:
             error,
         )
         self.store.schedule_delivery(retry, time.time() + delay)
+        self._count((delivery.sink or {}).get("type"), "retry_scheduled")
         log.warning(
             "sink.retry_scheduled",
             job_id=job_id,
@@ -199,6 +209,7 @@ class Deliverer:
         )
         self.store.finish_delivery(delivery.delivery_id)
         sink = (delivery.sink or {}).get("type")
+        self._count(sink, "dead_lettered")
         log.error("sink.failed", job_id=job_id, sink=sink, error=error[:300])
 
     def schedule_resubmit(self, job: Job, attempt: int, error: str) -> float:

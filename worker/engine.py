@@ -7,6 +7,7 @@ results; one bad image never fails its batch-mates.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -244,9 +245,12 @@ class Engine:
 
     # ------------------------------------------------------------------ whole batches
 
-    def process(self, items: Sequence[WorkItem]) -> list[Result]:
-        """Prepare ``items`` in parallel, then encode and score them as one batch."""
-        return self.score(list(self.pool.map(self.prepare, items)))
+    def process(self, items: Sequence[WorkItem], chunks: int = 1) -> list[Result]:
+        """Prepare ``items`` in parallel and encode them in ``chunks`` encoder batches; with
+        more than one, the first chunk encodes while the rest still decode."""
+        if chunks <= 1 or len(items) < 2 * chunks:
+            return self.score(list(self.pool.map(self.prepare, items)))
+        return list(self.stream(items, math.ceil(len(items) / chunks)))
 
     def stream(self, items: Iterable[WorkItem], batch_size: int) -> Iterator[Result]:
         """Score ``items`` in order, ``batch_size`` at a time, preparing the next batch

@@ -25,17 +25,25 @@ from worker.documents import Job, Result
 from worker.engine import Engine, WorkItem
 from worker.log import get_logger
 from worker.store import DeadLetter, Store
+from worker.telemetry import Telemetry
 
 log = get_logger(__name__)
 RETRYABLE_CODES = frozenset({"source_unavailable", "source_timeout"})
+PIPELINE_MIN = 16  # batches this large are encoded in two overlapped halves
 
 
 class QueueProcessor:
     """Scores batches of job payloads; never raises for a bad job."""
 
     def __init__(
-        self, engine: Engine, store: Store, deliverer: Deliverer, max_attempts: int
+        self,
+        engine: Engine,
+        store: Store,
+        deliverer: Deliverer,
+        max_attempts: int,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self.telemetry = telemetry
         self.engine = engine
         self.store = store
         self.deliverer = deliverer
@@ -46,6 +54,8 @@ class QueueProcessor:
         batch_id = uuid.uuid4().hex[:12]
         started = time.perf_counter()
         log.info("batch.started", batch_id=batch_id, size=len(payloads))
+        if self.telemetry is not None:
+            self.telemetry.observe_batch(len(payloads))
         done = [False] * len(payloads)
         to_score: dict[str, tuple[Job, int]] = {}
         waiting: dict[str, list[int]] = {}  # job id -> indexes of messages it answers
@@ -115,7 +125,8 @@ class QueueProcessor:
     def _score(self, jobs: list[tuple[Job, int]], batch_id: str) -> dict[str, bool]:
         items = [WorkItem(j.job_id, j.image, j.policies, j.metadata) for j, _ in jobs]
         try:
-            results = self.engine.process(items)
+            # Two encoder batches: the second half decodes while the first encodes.
+            results = self.engine.process(items, chunks=2 if len(items) >= PIPELINE_MIN else 1)
         except Exception:
             log.exception("batch.failed", batch_id=batch_id)
             return {j.job_id: False for j, _ in jobs}
@@ -138,6 +149,8 @@ class QueueProcessor:
                 return True
             self.store.put_result(job.job_id, result.to_json())
             self.store.reset_attempts(job.job_id)
+            if self.telemetry is not None:
+                self.telemetry.observe_result(result)
             log.info(
                 "job.scored",
                 status=result.status,

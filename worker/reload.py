@@ -49,7 +49,11 @@ class PolicyWatcher(threading.Thread):
         directory: Path,
         compile_fn: Callable[[list[LoadedPolicy]], PolicySet],
         interval_s: float = 1.0,
+        on_reload: Callable[[PolicySet], None] | None = None,
     ) -> None:
+        self.on_reload = on_reload
+        #: ``file:line: message`` of the last rejected edit, until a valid one replaces it.
+        self.rejected: list[str] = []
         super().__init__(name="policy-watcher", daemon=True)
         self.engine = engine
         self.directory = directory
@@ -68,13 +72,15 @@ class PolicyWatcher(threading.Thread):
             loaded = load_policies([self.directory])
             policies = self.compile_fn(loaded)
         except PolicyError as exc:
+            self.rejected = [str(p) for p in exc.problems]
             log.error(
-                "policy.rejected",
-                problems=[str(p) for p in exc.problems],
-                kept=self.engine.policies.versions(),
+                "policy.rejected", problems=self.rejected, kept=self.engine.policies.versions()
             )
             return False
         self.engine.policies = policies
+        self.rejected = []
+        if self.on_reload is not None:
+            self.on_reload(policies)
         log.info("policy.reloaded", versions=policies.versions())
         return True
 

@@ -6,15 +6,18 @@ from collections.abc import Callable, Sequence
 
 from worker.engine import Engine
 from worker.fetcher import ImageFetcher
+from worker.log import get_logger
 from worker.model import LoadedModel, load_model
 from worker.plugins import PluginContext, make_sources
 from worker.policy import LoadedPolicy, select_policies
 from worker.policyset import PolicySet, compile_policies, open_prompt_cache
 from worker.settings import Settings
 
+log = get_logger(__name__)
+
 
 def load_configured_model(settings: Settings) -> LoadedModel:
-    return load_model(
+    model = load_model(
         settings.model.name,
         settings.model.pretrained,
         device=settings.device,
@@ -22,6 +25,37 @@ def load_configured_model(settings: Settings) -> LoadedModel:
         download_dir=settings.model.download_dir,
         hub_probe_timeout_s=settings.model.hub_probe_timeout_s,
     )
+    if settings.torch_compile:
+        import torch
+
+        model.model.visual = torch.compile(model.model.visual)
+    return model
+
+
+def batch_from_memory(free_bytes: int, per_image_bytes: int, headroom: float = 0.6) -> int:
+    """The largest multiple of 8 (8..1024) whose activations fit in ``headroom`` of free memory."""
+    fits = int(free_bytes * headroom) // max(per_image_bytes, 1)
+    return max(8, min(1024, fits // 8 * 8))
+
+
+def resolve_batch_size(settings: Settings, model: LoadedModel) -> int:
+    """``WORKER_BATCH__MAX_SIZE``, or for 0 a size measured on the GPU (32 elsewhere)."""
+    if settings.batch.max_size:
+        return settings.batch.max_size
+    if model.device.type != "cuda":
+        return 32
+    import torch
+
+    probe = torch.zeros(8, 3, *model.image_size)
+    torch.cuda.synchronize(model.device)
+    before = torch.cuda.memory_allocated(model.device)
+    torch.cuda.reset_peak_memory_stats(model.device)
+    model.encode_images(probe)
+    per_image = (torch.cuda.max_memory_allocated(model.device) - before) // 8
+    free, _ = torch.cuda.mem_get_info(model.device)
+    size = batch_from_memory(free, per_image)
+    log.info("batch.sized", size=size, free_mb=free >> 20, per_image_mb=round(per_image / 2**20, 2))
+    return size
 
 
 def compile_configured(

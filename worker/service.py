@@ -13,15 +13,17 @@ from typing import Any
 
 from worker.delivery import Deliverer, DeliveryLoop, SinkCache
 from worker.engine import Engine
+from worker.health import HealthServer
 from worker.log import get_logger
 from worker.plugins import PluginContext, parse_sink_spec
 from worker.policy import LoadedPolicy
 from worker.policyset import PolicySet
 from worker.queue import QueueProcessor
 from worker.reload import PolicyWatcher
-from worker.runtime import build_engine, compile_configured
+from worker.runtime import build_engine, compile_configured, resolve_batch_size
 from worker.settings import Settings
 from worker.store import Store
+from worker.telemetry import Telemetry
 
 log = get_logger(__name__)
 
@@ -48,6 +50,9 @@ class Service:
     processor: QueueProcessor
     watcher: PolicyWatcher
     loop: DeliveryLoop
+    telemetry: Telemetry
+    batch_size: int = 32
+    health: HealthServer | None = None
 
     @classmethod
     def start(cls, settings: Settings, resubmit: Callable[[dict[str, Any]], None]) -> Service:
@@ -55,6 +60,17 @@ class Service:
         engine = build_engine(settings, service=True)
         store = Store.from_url(settings.broker_url, settings.queue.result_ttl_s)
         store.redis.ping()
+        telemetry = Telemetry()
+        telemetry.set_model({**engine.model.describe(), "device": str(engine.model.device)})
+        telemetry.set_policies(engine.policies.versions())
+        telemetry.watch_redis(
+            lambda: {
+                "queue_depth": float(store.redis.llen(settings.queue.name)),
+                "dead_letters": float(store.redis.hlen("mw:dlq")),
+                "pending_retries": float(store.pending_deliveries()),
+            },
+            settings.queue.name,
+        )
         deliverer = Deliverer(
             store,
             SinkCache(PluginContext(settings=settings, service=True, extras={"store": store})),
@@ -64,22 +80,35 @@ class Service:
             backoff_max_s=settings.delivery.backoff_max_s,
             lease_s=settings.delivery.lease_s,
             resubmit=resubmit,
+            telemetry=telemetry,
         )
 
         def recompile(loaded: list[LoadedPolicy]) -> PolicySet:
             return compile_configured(settings, engine.model, loaded)
 
-        watcher = PolicyWatcher(engine, settings.policy_dir, recompile)
+        watcher = PolicyWatcher(
+            engine,
+            settings.policy_dir,
+            recompile,
+            on_reload=lambda policies: telemetry.set_policies(policies.versions()),
+        )
         loop = DeliveryLoop(deliverer, settings.delivery.poll_interval_s)
         service = cls(
             settings,
             engine,
             store,
             deliverer,
-            QueueProcessor(engine, store, deliverer, settings.max_attempts),
+            QueueProcessor(engine, store, deliverer, settings.max_attempts, telemetry),
             watcher,
             loop,
+            telemetry,
         )
+        service.batch_size = resolve_batch_size(settings, engine.model)
+        if settings.metrics.port:
+            service.health = HealthServer(
+                settings.metrics.host, settings.metrics.port, telemetry, service.readiness
+            )
+            service.health.start()
         watcher.start()
         loop.start()
         log.info(
@@ -90,12 +119,33 @@ class Service:
             device=str(engine.model.device),
             policies=engine.policies.versions(),
             sinks=[c["type"] for c in defaults],
-            batch_max_size=settings.batch.max_size,
+            batch_max_size=service.batch_size,
             batch_max_wait_ms=settings.batch.max_wait_ms,
         )
         return service
 
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """What /readyz reports: model loaded, Redis reachable, policies in service."""
+        try:
+            redis_ok = bool(self.store.redis.ping())
+            redis_detail = "ok"
+        except Exception as exc:  # any connection problem makes the worker unready
+            redis_ok, redis_detail = False, f"{type(exc).__name__}: {exc}"
+        policies = self.engine.policies.versions()
+        checks: dict[str, Any] = {
+            "model": {"loaded": True, **self.engine.model.describe()},
+            "redis": {"reachable": redis_ok, "detail": redis_detail},
+            "policies": {
+                "valid": bool(policies) and not self.watcher.rejected,
+                "versions": {k: v[:16] for k, v in policies.items()},
+                "rejected_edit": self.watcher.rejected,
+            },
+        }
+        return redis_ok and bool(policies), checks
+
     def stop(self) -> None:
+        if self.health is not None:
+            self.health.stop()
         self.watcher.stop()
         self.loop.stop()
         self.deliverer.sinks.close()

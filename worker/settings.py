@@ -62,7 +62,12 @@ class BatchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_size: int = Field(32, ge=1, le=4096, description="Most images encoded together.")
+    max_size: int = Field(
+        32,
+        ge=0,
+        le=4096,
+        description="Most images encoded together; 0 = choose from free GPU memory (32 on CPU).",
+    )
     max_wait_ms: int = Field(
         50, ge=0, le=60_000, description="Longest wait for a batch to fill (queue only)."
     )
@@ -108,6 +113,15 @@ class DeliverySettings(BaseModel):
         gt=0,
         description="A claimed delivery is retried by another worker if not finished by then.",
     )
+
+
+class MetricsSettings(BaseModel):
+    """The worker's HTTP endpoint: /metrics, /livez, /readyz (``WORKER_METRICS__*``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("0.0.0.0", description="Address the endpoint listens on.")
+    port: int = Field(9808, ge=0, le=65535, description="Port; 0 turns the endpoint off.")
 
 
 class HttpSettings(BaseModel):
@@ -226,12 +240,16 @@ class Settings(BaseSettings):
     )
     image: ImageSettings = Field(default_factory=ImageSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     file_roots: list[Path] = Field(
         default_factory=list,
         description="Directories a queue worker may read local paths from; none by default. "
         "`worker classify` reads any path it is given.",
+    )
+    torch_compile: bool = Field(
+        False, description="torch.compile the image tower (slower start, faster on some GPUs)."
     )
     decode_workers: int = Field(
         0, ge=0, description="Threads decoding and preprocessing images; 0 = one per core."

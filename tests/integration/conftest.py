@@ -87,24 +87,14 @@ def redis_url(redis_server: str) -> str:
 
 @pytest.fixture(scope="session")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The third-party test plugin package, pip-installed into its own target directory."""
+    """The third-party test plugin package, pip-installed into its own target directory
+    (built from a copy, so no build output lands in the checkout)."""
     target = tmp_path_factory.mktemp("plugins")
+    source = tmp_path_factory.mktemp("plugin-src") / "plugin_pkg"
+    shutil.copytree(REPO / "tests" / "plugin_pkg", source)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(target),
-            str(REPO / "tests" / "plugin_pkg"),
-        ],
-        check=True,
-        capture_output=True,
+        [*pip, "--no-index", "--target", str(target), str(source)], check=True, capture_output=True
     )
     return target
 
@@ -129,6 +119,7 @@ def queue_env(
         "WORKER_DELIVERY__POLL_INTERVAL_S": "0.1",
         "WORKER_MAX_ATTEMPTS": "3",
         "WORKER_DECODE_WORKERS": "2",
+        "WORKER_METRICS__PORT": "0",
     }
 
 

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import write_images
-from tests.integration.conftest import WorkerProcess, run_python, wait_until
+from tests.integration.conftest import WorkerProcess, cli, run_python, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
 
 
 def test_third_party_sink_is_listed_and_used_by_classify(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import write_images
-from tests.integration.conftest import WorkerProcess, read_events, run_python, wait_until
+from tests.integration.conftest import WorkerProcess, cli, read_events, run_python, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -37,17 +35,6 @@ def submit_jobs(
     proc = run_python(SUBMIT.format(paths=str(listing), sinks=sinks), env)
     assert proc.returncode == 0, proc.stderr
     return list(json.loads(proc.stdout))
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def result_files(directory: Path) -> dict[str, dict[str, object]]:

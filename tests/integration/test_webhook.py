@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from tests.helpers import write_images
-from tests.integration.conftest import WorkerProcess, run_python, wait_until
+from tests.integration.conftest import WorkerProcess, cli, run_python, wait_until
 from tests.integration.servers import HttpServer
 
 pytestmark = pytest.mark.integration
@@ -46,17 +44,6 @@ def submit(env: dict[str, str], job_id: str, image: Path, url: str) -> None:
     }
     proc = run_python(f"from worker.client import submit\nsubmit({job!r})", env)
     assert proc.returncode == 0, proc.stderr
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def verified(server: HttpServer) -> list[dict[str, object]]:

@@ -161,3 +161,21 @@ def test_encoder_failure_splits_the_batch(engine: Engine, tmp_path: Path) -> Non
     assert [r.status for r in results] == ["ok", "ok", "error", "ok"]
     assert results[2].error is not None
     assert results[2].error.code == "internal_error"
+
+
+def test_batch_size_from_memory() -> None:
+    from worker.runtime import batch_from_memory
+
+    mib = 1 << 20
+    assert batch_from_memory(10_000 * mib, 20 * mib) == 296  # 60% of 10 GB / 20 MB, multiple of 8
+    assert batch_from_memory(100 * mib, 50 * mib) == 8  # never below 8
+    assert batch_from_memory(80_000 * mib, 1 * mib) == 1024  # never above 1024
+
+
+def test_auto_batch_size_is_32_on_cpu(
+    make_settings: Callable[..., Settings], tiny_model: LoadedModel
+) -> None:
+    from worker.runtime import resolve_batch_size
+
+    assert resolve_batch_size(make_settings(batch={"max_size": 0}), tiny_model) == 32
+    assert resolve_batch_size(make_settings(batch={"max_size": 12}), tiny_model) == 12

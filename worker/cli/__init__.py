@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli import evaluate, finetune, plugins, policies, queue
+from worker.cli import evaluate, finetune, ops, plugins, policies, queue
 from worker.cli.classify import classify
 from worker.cli.common import EXIT_FAILED, State, exits_on_errors, stderr
 from worker.documents import json_schemas, write_schemas
@@ -19,7 +19,7 @@ app = typer.Typer(
     "WORKER_MODEL__NAME) or a TOML file given with --config / WORKER_CONFIG_FILE.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
 )
 
 
@@ -49,6 +49,8 @@ app.add_typer(queue.dlq_app, name="dlq")
 app.command()(plugins.plugins)
 app.command("eval")(evaluate.eval_command)
 app.command()(finetune.finetune)
+app.command()(ops.health)
+app.command()(ops.bench)
 app.add_typer(plugins.webhooks_app, name="webhooks")
 
 

@@ -20,7 +20,7 @@ from worker.documents import ImageRef, Result
 from worker.engine import WorkItem
 from worker.fetcher import uri_scheme
 from worker.plugins import PluginContext, parse_sink_spec
-from worker.runtime import build_engine
+from worker.runtime import build_engine, resolve_batch_size
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 GLOB_CHARS = set("*?[")
@@ -149,7 +149,8 @@ def classify(
     try:
         with progress:
             task = progress.add_task("images", total=len(uris), rate="")
-            for result in engine.stream(items, batch_size or settings.batch.max_size):
+            size = batch_size or resolve_batch_size(settings, engine.model)
+            for result in engine.stream(items, size):
                 out_file.write(result.to_json() + "\n")
                 results.append(result)
                 sink_failures += deliver_inline(

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -64,6 +64,18 @@ def exits_on_errors() -> Iterator[None]:
     except WorkerError as exc:
         stderr.print(f"[red]error[/red] {exc}", soft_wrap=True)
         raise typer.Exit(EXIT_FAILED) from None
+
+
+#: ``--data`` of `worker eval` and `worker finetune`: the same labelled-data layouts.
+DataOption = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Labelled images: a folder per class (a 'none' folder for negatives), or CSV/JSONL "
+        "with image,label[,split] (labels ';'-separated; empty = none).",
+    ),
+]
 
 
 def is_tty() -> bool:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.cli.common import EXIT_CONFIG, exits_on_errors, state, stderr
+from worker.cli.common import EXIT_CONFIG, DataOption, exits_on_errors, state, stderr
 from worker.datasets import read_labelled, validate
 from worker.embedder import embed_files
 from worker.embedding_cache import EmbeddingCache
@@ -27,15 +27,7 @@ from worker.thresholds import update_thresholds, write_atomically
 
 def eval_command(
     ctx: typer.Context,
-    data: Annotated[
-        Path,
-        typer.Option(
-            "--data",
-            "-d",
-            help="Labelled images: a folder per class, or CSV/JSONL "
-            "with image,label[,split] (labels ';'-separated; empty = none).",
-        ),
-    ],
+    data: DataOption,
     policy: Annotated[str, typer.Option("--policy", "-p", help="Policy name or YAML path.")],
     target_precision: Annotated[
         float | None,

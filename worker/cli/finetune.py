@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from worker.cli.common import EXIT_CONFIG, exits_on_errors, state, stderr
+from worker.cli.common import EXIT_CONFIG, DataOption, exits_on_errors, state, stderr
 from worker.finetune import TrainConfig
 from worker.finetune_report import write
 from worker.finetune_run import DEFAULT_ALPHAS, STATE_DIR, FinetuneOptions, check_data, run_finetune
@@ -19,15 +19,7 @@ from worker.templates import TEMPLATE_SETS
 
 def finetune(
     ctx: typer.Context,
-    data: Annotated[
-        Path,
-        typer.Option(
-            "--data",
-            "-d",
-            help="Labelled images: a folder per class, or "
-            "CSV/JSONL with image,label[,split] (labels ';'-separated).",
-        ),
-    ],
+    data: DataOption,
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write.")],
     policy: Annotated[
         str | None,
