@@ -151,34 +151,36 @@ class Engine:
 
     def score(self, batch: Sequence[Prepared]) -> list[Result]:
         """Encode the prepared images of ``batch`` together and score every requested policy."""
+        policies = self.policies  # one snapshot for the whole batch, whatever reloads meanwhile
         ready = [p for p in batch if p.error is None and p.pixels is not None]
+        good: list[tuple[Prepared, torch.Tensor]] = []
         if ready:
             started = time.perf_counter()
             encoded = self._encode([p.pixels for p in ready if p.pixels is not None])
-            encode_ms = _ms(started) / len(ready)
+            encode_ms = round(_ms(started) / len(ready), 3)
             for prep, emb in zip(ready, encoded, strict=True):
-                prep.timings["encode"] = round(encode_ms, 3)
+                prep.timings["encode"] = encode_ms
                 if isinstance(emb, Exception):
                     prep.error = JobError(f"encoding failed: {emb}", code="internal_error")
-            good = [
-                (p, e) for p, e in zip(ready, encoded, strict=True) if isinstance(e, torch.Tensor)
-            ]
-            if good:
-                started = time.perf_counter()
-                per_policy = self._score_all(torch.stack([e for _, e in good]))
-                score_ms = round(_ms(started) / len(good), 3)
-                results = {
-                    id(p): self._ok_result(p, i, per_policy, score_ms)
-                    for i, (p, _) in enumerate(good)
-                }
-                return [results.get(id(p)) or self._error_result(p) for p in batch]
-        return [self._error_result(p) for p in batch]
+                else:
+                    good.append((prep, emb))
+        results: dict[int, Result] = {}
+        if good:
+            started = time.perf_counter()
+            per_policy = self._score_all(torch.stack([e for _, e in good]), policies)
+            score_ms = round(_ms(started) / len(good), 3)
+            for row, (prep, _) in enumerate(good):
+                prep.timings["score"] = score_ms
+                results[id(prep)] = self._ok_result(prep, row, per_policy, policies)
+        return [results.get(id(p)) or self._error_result(p) for p in batch]
 
-    def _score_all(self, embeddings: torch.Tensor) -> dict[str, list[list[float]]]:
+    def _score_all(
+        self, embeddings: torch.Tensor, policies: PolicySet
+    ) -> dict[str, list[list[float]]]:
         """Scores of every loaded policy for every embedding (one matmul per policy)."""
         out: dict[str, list[list[float]]] = {}
         scale = self.model.logit_scale
-        for name, compiled in self.policies.compiled.items():
+        for name, compiled in policies.compiled.items():
             if isinstance(compiled, CompiledModeration):
                 scores = moderation_scores(embeddings, compiled, scale)
             else:
@@ -187,21 +189,31 @@ class Engine:
         return out
 
     def _ok_result(
-        self, prep: Prepared, row: int, per_policy: dict[str, list[list[float]]], score_ms: float
+        self,
+        prep: Prepared,
+        row: int,
+        per_policy: dict[str, list[list[float]]],
+        policies: PolicySet,
     ) -> Result:
-        names = prep.item.policies or self.policies.names()
-        policies: dict[str, ModerationResult | TagsResult] = {}
+        names = prep.item.policies or policies.names()
+        gone = [n for n in names if n not in policies]
+        if gone:  # removed by a reload between preparing and scoring this image
+            prep.error = JobError(
+                f"unknown policy {', '.join(map(repr, gone))}", code="policy_not_found"
+            )
+            return self._error_result(prep)
+        results: dict[str, ModerationResult | TagsResult] = {}
         flags: list[Flag] = []
         labels: list[tuple[str, float]] = []
         for name in names:
-            compiled = self.policies.compiled[name]
+            compiled = policies.compiled[name]
             values = per_policy[name][row]
             if isinstance(compiled, CompiledModeration):
                 scores, decisions = moderation_decisions(values, compiled)
                 found = [
                     Flag(**{**d.__dict__, "score": round(d.score, SCORE_DIGITS)}) for d in decisions
                 ]
-                policies[name] = ModerationResult(
+                results[name] = ModerationResult(
                     version=compiled.version,
                     scores={k: round(v, SCORE_DIGITS) for k, v in scores.items()},
                     flags=found,
@@ -209,21 +221,18 @@ class Engine:
                 flags.extend(found)
             else:
                 tags = top_tags(values, compiled)
-                policies[name] = TagsResult(
+                results[name] = TagsResult(
                     version=compiled.version,
                     tags=[TagScore(tag=t, score=round(s, SCORE_DIGITS)) for t, s in tags],
                 )
                 labels.extend(tags)
-        prep.timings["score"] = score_ms
-        seen: dict[str, None] = {}
-        for tag, _ in sorted(labels, key=lambda pair: pair[1], reverse=True):
-            seen.setdefault(tag)
+        best_first = sorted(labels, key=lambda pair: pair[1], reverse=True)
         return self._result(
             prep,
             status="ok",
-            policies=policies,
+            policies=results,
             flags=sorted(flags, key=lambda f: f.score, reverse=True),
-            labels=list(seen),
+            labels=list(dict.fromkeys(tag for tag, _ in best_first)),
         )
 
     def _error_result(self, prep: Prepared) -> Result:

@@ -24,10 +24,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from worker.errors import PolicyError, PolicyProblem
+from worker.policy_errors import describe, line_of
 from worker.templates import TEMPLATE_SETS, template_problem
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -179,88 +180,6 @@ class LoadedPolicy:
         return self.policy.name
 
 
-# --------------------------------------------------------------------------- locating lines
-
-
-def _line_of(doc: Any, loc: Sequence[int | str], base_line: int) -> int:
-    """1-based line of the YAML node at ``loc`` inside ``doc`` (nearest existing parent)."""
-    node, line = doc, base_line
-    for part in loc:
-        if isinstance(node, CommentedMap) and part in node:
-            line = node.lc.key(part)[0] + 1
-            node = node[part]
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
-            line = node.lc.item(part)[0] + 1
-            node = node[part]
-        else:
-            break
-    return line
-
-
-_ITEM_NAMES = {"categories": "category", "tags": "tag"}
-
-
-def _owner(doc: Any, loc: Sequence[int | str]) -> str:
-    """Human name of the node at ``loc``: ``category 'weapons'``, ``tags[3]``, ``policy``."""
-    if not loc:
-        return "policy"
-    node: Any = doc
-    words: list[str] = []
-    for index, part in enumerate(loc):
-        if isinstance(part, int):
-            item = node[part] if isinstance(node, CommentedSeq) and part < len(node) else None
-            parent = str(loc[index - 1]) if index else ""
-            if isinstance(item, CommentedMap) and "id" in item and parent in _ITEM_NAMES:
-                words[-1] = f"{_ITEM_NAMES[parent]} {item['id']!r}"
-            elif isinstance(item, str) and parent in _ITEM_NAMES:
-                words[-1] = f"{_ITEM_NAMES[parent]} {item!r}"
-            else:
-                words[-1] = f"{words[-1]}[{part}]"
-            node = item
-        else:
-            words.append(part)
-            node = node.get(part) if isinstance(node, CommentedMap) else None
-    return " ".join(words)
-
-
-def _describe(doc: Any, err: Any) -> tuple[tuple[int | str, ...], str]:
-    """A location and a human message for one pydantic error."""
-    loc: tuple[int | str, ...] = tuple(err["loc"])
-    # Tagged/union wrappers add class names to the location; drop them.
-    loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return loc, f"{_owner(doc, loc[:-1])}: unknown key {loc[-1]!r}"
-    if kind == "missing":
-        return loc[:-1], f"{_owner(doc, loc[:-1])}: missing key {loc[-1]!r}"
-    if kind == "too_short":
-        if len(loc) >= 2 and loc[-1] == "prompts":
-            return loc, f"{_owner(doc, loc[:-1])} has no prompts"
-        return loc, f"{_owner(doc, loc)} must not be empty"
-    if kind == "duplicate_id":
-        return (*loc, err["ctx"]["index"], "id"), err["msg"]
-    field = f"{_owner(doc, loc[:-1])}: {loc[-1]}" if len(loc) > 1 else _owner(doc, loc)
-    if (
-        kind in {"greater_than_equal", "less_than_equal"}
-        and loc
-        and loc[-1]
-        in {
-            "threshold",
-            "min_score",
-        }
-    ):
-        return loc, f"{field} must be between 0 and 1, got {err['input']!r}"
-    if kind == "string_pattern_mismatch":
-        return loc, (
-            f"{field} {err['input']!r} must start with a letter or digit and contain only "
-            "letters, digits, '_', '-' and '.'"
-        )
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    if msg.startswith("Input should be"):
-        return loc, f"{field} must be{msg.removeprefix('Input should be')}, got {err['input']!r}"
-    return loc, f"{field}: {msg}"
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -282,7 +201,7 @@ def _validate_document(
         ]
     kind = data.get("kind")
     if kind not in POLICY_KINDS:
-        line = _line_of(doc, ["kind"], base_line)
+        line = line_of(doc, ["kind"], base_line)
         what = "missing key 'kind'" if kind is None else f"unknown kind {kind!r}"
         return None, [PolicyProblem(str(path), line, f"{what} (moderation | tags)")]
     try:
@@ -290,8 +209,8 @@ def _validate_document(
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc, message = _describe(doc, err)
-            problems.append(PolicyProblem(str(path), _line_of(doc, loc, base_line), message))
+            loc, message = describe(doc, err)
+            problems.append(PolicyProblem(str(path), line_of(doc, loc, base_line), message))
         return None, problems
 
 

@@ -248,3 +248,15 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
             client.delete_object(Bucket=bucket["Name"], Key=obj["Key"])
         client.delete_bucket(Bucket=bucket["Name"])
     return client
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`worker ARGS…` in a subprocess with ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

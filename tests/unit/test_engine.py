@@ -179,3 +179,24 @@ def test_auto_batch_size_is_32_on_cpu(
 
     assert resolve_batch_size(make_settings(batch={"max_size": 0}), tiny_model) == 32
     assert resolve_batch_size(make_settings(batch={"max_size": 12}), tiny_model) == 12
+
+
+def test_policy_removed_between_prepare_and_score(engine: Engine, tmp_path: Path) -> None:
+    """A reload that drops a policy mid-batch turns that job into policy_not_found."""
+    from dataclasses import replace
+
+    path = write_images(tmp_path / "imgs", 1)[0]
+    item = WorkItem(job_id="racy", image=ImageRef(uri=str(path)), policies=["shape-tags"])
+    prepared = engine.prepare(item)
+    assert prepared.error is None
+    before = engine.policies
+    engine.policies = replace(
+        before, compiled={k: v for k, v in before.compiled.items() if k != "shape-tags"}
+    )
+    try:
+        [result] = engine.score([prepared])
+    finally:
+        engine.policies = before
+    assert result.status == "error"
+    assert result.error is not None
+    assert result.error.code == "policy_not_found"

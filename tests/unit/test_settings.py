@@ -44,7 +44,7 @@ def test_config_file_below_environment(tmp_path: Path, monkeypatch: pytest.Monke
 @pytest.mark.parametrize(
     ("var", "value", "named"),
     [
-        ("WORKER_BATCH__MAX_SIZE", "0", "WORKER_BATCH__MAX_SIZE"),
+        ("WORKER_BATCH__MAX_SIZE", "-1", "WORKER_BATCH__MAX_SIZE"),
         ("WORKER_DEVICE", "tpu", "WORKER_DEVICE"),
         ("WORKER_PRECISION", "int4", "WORKER_PRECISION"),
     ],

@@ -52,8 +52,7 @@ def serve(
         if pool == "prefork":  # children load their own model; check it loads at all
             from worker.runtime import load_configured_model
 
-            del_model = load_configured_model(settings)
-            del del_model
+            load_configured_model(settings)  # dropped at once: each child loads its own
     if pool != "prefork":
         try:
             _start(app)
