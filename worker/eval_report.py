@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,69 +109,71 @@ def _grid(count: int) -> tuple[int, int]:
     return math.ceil(count / cols), cols
 
 
-def plot_pr_curves(report: EvalReport, truth: np.ndarray, scores: np.ndarray, path: Path) -> None:
+@contextmanager
+def _category_figure(
+    report: EvalReport, row_height: float, title: str, path: Path
+) -> Iterator[list[tuple[Any, int, CategoryMetrics]]]:
+    """A grid with one axis per category; saved to ``path`` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, cols = _grid(len(report.categories))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
-    for ax, (index, c) in zip(axes.flat, enumerate(report.categories), strict=False):
-        y, s = truth[:, index], scores[:, index]
-        ax.set_title(f"{c.id} (AP {_fmt(c.average_precision, 2)}, n+={c.support})", fontsize=9)
-        ax.set_xlim(0, 1.02)
-        ax.set_ylim(0, 1.05)
-        ax.set_xlabel("recall", fontsize=8)
-        ax.set_ylabel("precision", fontsize=8)
-        if not y.any():
-            ax.text(0.5, 0.5, "no positives", ha="center", fontsize=8)
-            continue
-        precision, recall, _ = metrics.precision_recall_curve(y, s)
-        ax.step(recall, precision, where="post", color="tab:blue")
-        ax.plot([c.recall], [c.precision], "o", color="tab:red", label=f"current {c.threshold:.2f}")
-        if c.suggested_threshold is not None:
-            ax.plot(
-                [c.suggested_recall],
-                [c.suggested_precision],
-                "^",
-                color="tab:green",
-                label=f"suggested {c.suggested_threshold:.2f}",
-            )
-        ax.legend(fontsize=7, loc="lower left")
-    for ax in list(axes.flat)[len(report.categories) :]:
+    count = len(report.categories)
+    rows, cols = _grid(count)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, row_height * rows), squeeze=False)
+    yield list(zip(axes.flat, range(count), report.categories, strict=False))
+    for ax in list(axes.flat)[count:]:
         ax.axis("off")
-    fig.suptitle(f"precision-recall, policy {report.policy}")
+    fig.suptitle(f"{title}, policy {report.policy}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_pr_curves(report: EvalReport, truth: np.ndarray, scores: np.ndarray, path: Path) -> None:
+    with _category_figure(report, 3.4, "precision-recall", path) as cells:
+        for ax, index, c in cells:
+            y, s = truth[:, index], scores[:, index]
+            ax.set_title(f"{c.id} (AP {_fmt(c.average_precision, 2)}, n+={c.support})", fontsize=9)
+            ax.set_xlim(0, 1.02)
+            ax.set_ylim(0, 1.05)
+            ax.set_xlabel("recall", fontsize=8)
+            ax.set_ylabel("precision", fontsize=8)
+            if not y.any():
+                ax.text(0.5, 0.5, "no positives", ha="center", fontsize=8)
+                continue
+            precision, recall, _ = metrics.precision_recall_curve(y, s)
+            ax.step(recall, precision, where="post", color="tab:blue")
+            ax.plot(
+                [c.recall], [c.precision], "o", color="tab:red", label=f"current {c.threshold:.2f}"
+            )
+            if c.suggested_threshold is not None:
+                ax.plot(
+                    [c.suggested_recall],
+                    [c.suggested_precision],
+                    "^",
+                    color="tab:green",
+                    label=f"suggested {c.suggested_threshold:.2f}",
+                )
+            ax.legend(fontsize=7, loc="lower left")
 
 
 def plot_histograms(report: EvalReport, truth: np.ndarray, scores: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, cols = _grid(len(report.categories))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.0 * rows), squeeze=False)
     bins = np.linspace(0, 1, 41)
-    for ax, (index, c) in zip(axes.flat, enumerate(report.categories), strict=False):
-        y, s = truth[:, index].astype(bool), scores[:, index]
-        ax.hist(s[~y], bins=bins, alpha=0.6, color="tab:gray", label=f"negatives ({(~y).sum()})")
-        ax.hist(s[y], bins=bins, alpha=0.7, color="tab:orange", label=f"positives ({y.sum()})")
-        ax.axvline(c.threshold, color="tab:red", linestyle="--", linewidth=1, label="current")
-        if c.suggested_threshold is not None:
-            ax.axvline(c.suggested_threshold, color="tab:green", linewidth=1, label="suggested")
-        ax.set_title(c.id, fontsize=9)
-        ax.set_xlabel("score", fontsize=8)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(report.categories) :]:
-        ax.axis("off")
-    fig.suptitle(f"score distributions, policy {report.policy}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    with _category_figure(report, 3.0, "score distributions", path) as cells:
+        for ax, index, c in cells:
+            y, s = truth[:, index].astype(bool), scores[:, index]
+            ax.hist(
+                s[~y], bins=bins, alpha=0.6, color="tab:gray", label=f"negatives ({(~y).sum()})"
+            )
+            ax.hist(s[y], bins=bins, alpha=0.7, color="tab:orange", label=f"positives ({y.sum()})")
+            ax.axvline(c.threshold, color="tab:red", linestyle="--", linewidth=1, label="current")
+            if c.suggested_threshold is not None:
+                ax.axvline(c.suggested_threshold, color="tab:green", linewidth=1, label="suggested")
+            ax.set_title(c.id, fontsize=9)
+            ax.set_xlabel("score", fontsize=8)
+            ax.legend(fontsize=7)
 
 
 def write_report(

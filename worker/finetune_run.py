@@ -167,11 +167,13 @@ def run_finetune(
     zero_shot = trainable_state(model.model, names)
     before_test = test.score(heads)
     before_val = val.score(heads).accuracy
-    before_control = (
-        control_judge.score(control_heads).accuracy
-        if control_judge and control_heads is not None
-        else None
-    )
+
+    def control_accuracy() -> float | None:
+        if control_judge is None or control_heads is None:
+            return None
+        return control_judge.score(control_heads).accuracy
+
+    before_control = control_accuracy()
 
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -194,8 +196,9 @@ def run_finetune(
     for alpha in opts.alphas:
         load_trainable(model.model, interpolate(zero_shot, tuned, alpha))
         point = {"alpha": float(alpha), "val_acc": val.score(heads).accuracy}
-        if control_judge is not None and control_heads is not None:
-            point["control_acc"] = control_judge.score(control_heads).accuracy
+        control_acc = control_accuracy()
+        if control_acc is not None:
+            point["control_acc"] = control_acc
         curve.append(point)
         log.info("finetune.alpha", **point)
     floor = (before_control - opts.control_margin) if before_control is not None else None
@@ -204,11 +207,7 @@ def run_finetune(
     load_trainable(model.model, interpolate(zero_shot, tuned, chosen["alpha"]))
     after_test = test.score(heads)
     after_val = val.score(heads).accuracy
-    after_control = (
-        control_judge.score(control_heads).accuracy
-        if control_judge and control_heads is not None
-        else None
-    )
+    after_control = control_accuracy()
 
     cfg = model_config(model.name)
     name = save_checkpoint(model.model, cfg, opts.out)

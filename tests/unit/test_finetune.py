@@ -155,24 +155,11 @@ def test_interrupted_run_resumes_not_restarts(
 ) -> None:
     out = tmp_path / "ckpt"
     log = tmp_path / "first.log"
+    run = ["finetune", "--data", str(domain), "--out", str(out), "--epochs", "6", "--lr", "3e-3"]
+    run += ["--patience", "6"]
     with log.open("w") as handle:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "worker",
-                "finetune",
-                "--data",
-                str(domain),
-                "--out",
-                str(out),
-                "--epochs",
-                "6",
-                "--lr",
-                "3e-3",
-                "--patience",
-                "6",
-            ],
+            [sys.executable, "-m", "worker", *run],
             env={**os.environ, **env},
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -198,17 +185,7 @@ def test_interrupted_run_resumes_not_restarts(
 
     resumed = worker(
         env,
-        "finetune",
-        "--data",
-        str(domain),
-        "--out",
-        str(out),
-        "--epochs",
-        "6",
-        "--lr",
-        "3e-3",
-        "--patience",
-        "6",
+        *run,
         "--resume",
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]

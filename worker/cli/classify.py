@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Annotated, TextIO
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.cli.common import EXIT_FAILED, exits_on_errors, state, stderr
+from worker.cli.common import EXIT_FAILED, exits_on_errors, progress_bar, state, stderr
 from worker.delivery import SinkCache, deliver_inline
 from worker.documents import ImageRef, Result
 from worker.engine import WorkItem
@@ -137,18 +136,10 @@ def classify(
     results: list[Result] = []
     sink_failures: list[str] = []
     started = time.perf_counter()
-    progress = Progress(
-        TextColumn("scoring"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        console=stderr,
-        transient=True,
-    )
+    progress = progress_bar(info=True)
     try:
         with progress:
-            task = progress.add_task("images", total=len(uris), rate="")
+            task = progress.add_task("scoring", total=len(uris), info="")
             size = batch_size or resolve_batch_size(settings, engine.model)
             for result in engine.stream(items, size):
                 out_file.write(result.to_json() + "\n")
@@ -162,7 +153,7 @@ def classify(
                     backoff_max_s=settings.delivery.backoff_max_s,
                 )
                 elapsed = time.perf_counter() - started
-                progress.update(task, advance=1, rate=f"{len(results) / elapsed:.1f} img/s")
+                progress.update(task, advance=1, info=f"{len(results) / elapsed:.1f} img/s")
     finally:
         if out:
             out_file.close()

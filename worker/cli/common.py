@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from worker.errors import ConfigurationError, ModelLoadError, PolicyError, WorkerError
 from worker.log import configure_logging
@@ -76,6 +77,20 @@ DataOption = Annotated[
         "with image,label[,split] (labels ';'-separated; empty = none).",
     ),
 ]
+
+
+def progress_bar(info: bool = False, transient: bool = True) -> Progress:
+    """The project's progress bar on stderr: description, bar, n/total, [info field], time."""
+    extra = [TextColumn("{task.fields[info]}")] if info else []
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra,
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=transient,
+    )
 
 
 def is_tty() -> bool:

@@ -9,10 +9,9 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from worker.cli.common import EXIT_CONFIG, DataOption, exits_on_errors, state, stderr
+from worker.cli.common import EXIT_CONFIG, DataOption, exits_on_errors, progress_bar, state, stderr
 from worker.datasets import read_labelled, validate
 from worker.embedder import embed_files
 from worker.embedding_cache import EmbeddingCache
@@ -79,16 +78,9 @@ def eval_command(
         model = load_configured_model(settings)
         compiled = compile_configured(settings, model, [loaded]).compiled[loaded.name]
         cache = EmbeddingCache(settings.cache_dir / CACHE_FILE, model.fingerprint, kind="image")
-        progress = Progress(
-            TextColumn("embedding"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=stderr,
-            transient=True,
-        )
+        progress = progress_bar()
         with progress:
-            task = progress.add_task("images", total=len(dataset.examples))
+            task = progress.add_task("embedding", total=len(dataset.examples))
             embedded = embed_files(
                 model,
                 [e.path for e in dataset.examples],

@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from worker.cli.common import EXIT_CONFIG, DataOption, exits_on_errors, state, stderr
+from worker.cli.common import EXIT_CONFIG, DataOption, exits_on_errors, progress_bar, state, stderr
 from worker.finetune import TrainConfig
 from worker.finetune_report import write
 from worker.finetune_run import DEFAULT_ALPHAS, STATE_DIR, FinetuneOptions, check_data, run_finetune
@@ -127,14 +126,7 @@ def finetune(
         dataset, control_set, labels = check_data(opts)
         stderr.print(f"data ok: {len(dataset.examples)} images, classes {', '.join(labels)}")
         model = load_configured_model(settings)
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=stderr,
-        )
+        progress = progress_bar(info=True, transient=False)
         task = progress.add_task("epochs", total=epochs, info="")
 
         def on_epoch(record: dict[str, float]) -> None:

@@ -7,17 +7,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import TaskID
 from rich.table import Table
 
-from worker.cli.common import exits_on_errors, state, stderr
+from worker.cli.common import exits_on_errors, progress_bar, state, stderr
 from worker.errors import PolicyError
 from worker.heads import CompiledModeration
 from worker.policy import load_policies
@@ -61,14 +54,7 @@ def compile(ctx: typer.Context, paths: PathsArg = None) -> None:
     with exits_on_errors():
         loaded = load_policies(paths or [settings.policy_dir])
         model = load_configured_model(settings)
-        progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=stderr,
-            transient=True,
-        )
+        progress = progress_bar()
         tasks: dict[str, TaskID] = {}
 
         def on_progress(name: str, done: int, total: int) -> None:
