@@ -58,8 +58,3 @@ def build_untrained(model_cfg: dict[str, Any], seed: int = 0) -> Any:
     model = open_clip.CLIP(**model_cfg)
     model.eval()
     return model
-
-
-def read_config(directory: Path) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    return loaded

@@ -45,9 +45,6 @@ class ImageRef(BaseModel):
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"image.data is not valid base64: {exc}") from None
 
-    def label(self) -> str:
-        return self.uri or f"data:{self.filename or 'inline'}"
-
 
 class SinkConfig(BaseModel):
     """A sink by plugin name plus that plugin's own options."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from worker import metrics
-from worker.evaluation import CategoryMetrics, EvalReport
+from worker.evaluation import BAND_RECALL, CategoryMetrics, EvalReport
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -88,7 +88,7 @@ def markdown(report: EvalReport) -> str:
         "the category; *recall* the share of the category's images that get flagged; *FPR* the "
         "share of other images flagged by mistake. *suggested* is the threshold that meets the "
         "target with the most recall (or precision). For `review` categories the *review band* "
-        f"runs from the threshold catching {metrics_band()} of positives to the one that is "
+        f"runs from the threshold catching {BAND_RECALL:.0%} of positives to the one that is "
         "right 90% of the time: send images in between to a person.",
         "",
         "Plots: `pr_curves.png` (precision-recall per category, current threshold ●, suggested ▲) "
@@ -96,12 +96,6 @@ def markdown(report: EvalReport) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def metrics_band() -> str:
-    from worker.evaluation import BAND_RECALL
-
-    return f"{BAND_RECALL:.0%}"
 
 
 def _grid(count: int) -> tuple[int, int]:

@@ -19,7 +19,6 @@ early stopping on validation accuracy, and a resume state written after every ep
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -368,7 +367,3 @@ def load_resume(state_dir: Path) -> dict[str, Any] | None:
         return None
     loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
     return loaded
-
-
-def copy_model(model: Any) -> Any:
-    return copy.deepcopy(model)

@@ -56,7 +56,6 @@ class LoadedModel:
     pil_stage: Callable[[Image.Image], Image.Image] | None = None
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
-    text_encoder_calls: int = 0
     texts_encoded: int = 0
     images_encoded: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -109,7 +108,6 @@ class LoadedModel:
         """
         out = []
         with self._lock:
-            self.text_encoder_calls += 1
             self.texts_encoded += len(texts)
         for start in range(0, len(texts), TEXT_BATCH):
             tokens = self.tokenizer(list(texts[start : start + TEXT_BATCH])).to(self.device)

@@ -84,9 +84,6 @@ class Store:
     def get_result(self, job_id: str) -> str | None:
         return cast(str | None, self.redis.get(f"{PREFIX}result:{job_id}"))
 
-    def forget_result(self, job_id: str) -> None:
-        self.redis.delete(f"{PREFIX}result:{job_id}")
-
     # ------------------------------------------------------------------ attempts
 
     def take_attempt(self, job_id: str) -> int:

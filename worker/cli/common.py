@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -16,7 +15,6 @@ from worker.errors import ConfigurationError, ModelLoadError, PolicyError, Worke
 from worker.log import configure_logging
 from worker.settings import Settings, load_settings
 
-F = TypeVar("F", bound=Callable[..., Any])
 stderr = Console(stderr=True, highlight=False)
 
 #: Exit codes: 0 done, 1 the work itself failed (no image readable, checks failed),
@@ -91,7 +89,3 @@ def progress_bar(info: bool = False, transient: bool = True) -> Progress:
         console=stderr,
         transient=transient,
     )
-
-
-def is_tty() -> bool:
-    return sys.stderr.isatty()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Annotated
@@ -221,7 +220,3 @@ def dlq_purge(
     if not yes and sys.stdin.isatty():
         typer.confirm("Delete every dead-lettered job?", abort=True)
     stderr.print(f"purged {_store(ctx).purge_dead_letters()} entries")
-
-
-def print_json(value: object) -> None:
-    typer.echo(json.dumps(value))
