@@ -19,7 +19,7 @@ import torch
 
 from worker.embedding_cache import EmbeddingCache
 from worker.errors import JobError
-from worker.images import decode_image
+from worker.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_SIDE, decode_image
 from worker.model import LoadedModel
 
 
@@ -45,6 +45,8 @@ def embed_files(
     batch_size: int = 64,
     workers: int = 0,
     on_progress: Callable[[int], None] | None = None,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
 ) -> EmbeddedFiles:
     """L2-normalised embeddings of ``paths``; raises JobError naming a file that fails."""
     formats = frozenset(f.upper() for f in allowed_formats)
@@ -60,7 +62,11 @@ def embed_files(
         def prepare(index: int) -> np.ndarray | torch.Tensor:
             try:
                 decoded = decode_image(
-                    read[index][0], max_pixels=max_pixels, allowed_formats=formats
+                    read[index][0],
+                    max_pixels=max_pixels,
+                    allowed_formats=formats,
+                    max_side=max_side,
+                    max_aspect_ratio=max_aspect_ratio,
                 )
             except JobError as exc:
                 raise JobError(f"{paths[index]}: {exc.message}", code=exc.code) from None

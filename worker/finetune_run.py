@@ -82,6 +82,8 @@ class Judge:
             None,
             max_pixels=self.settings.image.max_pixels,
             allowed_formats=self.settings.image.allowed_formats,
+            max_side=self.settings.image.max_side,
+            max_aspect_ratio=self.settings.image.max_aspect_ratio,
             workers=self.settings.decode_workers,
         ).embeddings.to(heads.device)
         predicted = (features @ heads.T).argmax(dim=1).cpu().numpy()

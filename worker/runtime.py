@@ -93,4 +93,6 @@ def build_engine(
         allowed_formats=settings.image.allowed_formats,
         decode_workers=settings.decode_workers,
         jpeg_draft=settings.image.jpeg_draft,
+        max_side=settings.image.max_side,
+        max_aspect_ratio=settings.image.max_aspect_ratio,
     )
