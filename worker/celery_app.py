@@ -5,6 +5,9 @@ Usable as ``celery -A worker.celery_app worker --pool solo`` or through ``worker
 Reliability settings (see docs/architecture.md, "Queue"):
 
 - json only, both ways: a pickle message is refused, never deserialised;
+- every message is vetted before the batch task sees it (``worker/intake.py``): one that
+  is not a ``moderation.score`` call with one job object is dead-lettered with its raw
+  body, never raised into the consumer loop;
 - ``acks_late`` + ``task_reject_on_worker_lost``: a job is acknowledged after its result is
   stored and delivered (or dead-lettered), so a worker that dies mid-batch loses nothing:
   Redis hands its unacknowledged jobs to another worker after the visibility timeout;
@@ -12,10 +15,16 @@ Reliability settings (see docs/architecture.md, "Queue"):
   whatever happened; :class:`OutcomeBatches` instead acknowledges the jobs that finished
   and requeues the others;
 - prefetch = batch size, so a batch can fill.
+
+Prefork: the parent only consumes, buffers batches and acknowledges; each child loads its
+own model in ``worker_process_init``. The parent must never run a torch op before the pool
+forks (libgomp's OpenMP pool is not fork-safe: the child would hang in its first parallel
+region), and each child uses its share of the cores for torch's intra-op threads.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery, signals
@@ -29,6 +38,11 @@ log = get_logger(__name__)
 SCORE_TASK = "moderation.score"
 DEFAULT_BATCH = 32  # until a WORKER_BATCH__MAX_SIZE=0 worker has measured its GPU
 _created: list[Celery] = []  # apps made in this process, for the prefork child signal
+_pool_processes = 1  # prefork children sharing this machine's cores, set by worker_init
+#: How long a prefork child may take to send its UP message (it loads the model first).
+#: Celery's default of 4 s only applies to children forked after start-up (replacements of
+#: a dead child) and would SIGKILL each of them in turn while it loads.
+CHILD_START_TIMEOUT_S = 600.0
 
 
 class OutcomeBatches(Batches):  # type: ignore[misc]
@@ -43,16 +57,26 @@ class OutcomeBatches(Batches):  # type: ignore[misc]
         requests = list(requests)
         serializable = ([SimpleRequest.from_request(r) for r in requests],)
 
-        def on_return(outcomes: list[bool] | None) -> None:
-            finished = outcomes if outcomes and len(outcomes) == len(requests) else []
+        def on_return(outcomes: Any) -> None:
+            # Runs in the process that holds the messages (the parent under prefork).
+            ok = isinstance(outcomes, list) and len(outcomes) == len(requests)
+            finished = outcomes if ok else []
             for index, request in enumerate(requests):
                 if index < len(finished) and finished[index]:
                     request.acknowledge()
                 else:
                     request.reject(requeue=True)
 
+        def on_error(_: Any) -> None:
+            # A prefork child died mid-batch (WorkerLostError): without this the messages
+            # stay unacknowledged in the parent, filling its prefetch window for ever.
+            on_return(None)
+
         return self._pool.apply_async(
-            apply_batches_task, (self, serializable, 0, None), callback=on_return
+            apply_batches_task,
+            (self, serializable, 0, None),
+            callback=on_return,
+            error_callback=on_error,
         )
 
 
@@ -64,6 +88,8 @@ def _settings_of(app: Celery) -> Settings:
 def create_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``; the model is not loaded here."""
     app = Celery("moderation_worker", broker=settings.broker_url, set_as_current=False)
+    if settings.broker_url.split("://", 1)[0] in {"redis", "rediss"}:
+        app.conf.broker_transport = "worker.intake:GuardedRedisTransport"
     app.conf.update(
         moderation_settings=settings,
         task_serializer="json",
@@ -78,6 +104,9 @@ def create_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
+        worker_proc_alive_timeout=CHILD_START_TIMEOUT_S,
+        # Bad messages are dead-lettered, never raised into the consumer loop.
+        worker_consumer="worker.intake:GuardedConsumer",
         broker_transport_options={
             "visibility_timeout": settings.queue.visibility_timeout_s,
             "unacked_restore_interval": settings.queue.restore_interval_s,
@@ -96,7 +125,9 @@ def create_app(settings: Settings) -> Celery:
         from worker.service import current_service
 
         service = current_service() or _start(app)
-        return service.processor.process([_payload(r) for r in requests])
+        return service.processor.process(
+            [_payload(r) for r in requests], [getattr(r, "id", None) for r in requests]
+        )
 
     _created.append(app)
     return app
@@ -134,18 +165,49 @@ def _uses_main_process(worker: Any) -> bool:
     return "solo" in pool or "thread" in pool
 
 
+def _share_cores(processes: int) -> None:
+    """Give this prefork child its share of the cores for torch's intra-op threads, so N
+    children do not each start one OpenMP thread per core (unless OMP_NUM_THREADS says)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // max(processes, 1)))
+
+
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    global _pool_processes  # noqa: PLW0603 - read by the prefork children after fork
     app = getattr(sender, "app", None)
-    if app is not None and "moderation_settings" in app.conf and _uses_main_process(sender):
-        configure_logging(_settings_of(app).log_level, _settings_of(app).log_format)
+    if app is None or "moderation_settings" not in app.conf:
+        return
+    configure_logging(_settings_of(app).log_level, _settings_of(app).log_format)
+    if _uses_main_process(sender):
         _start(app)
+    else:  # prefork: nothing that touches torch here, the pool forks after this signal
+        _pool_processes = int(getattr(sender, "concurrency", None) or 1)
+
+
+def _child_settings(settings: Settings) -> Settings:
+    """Prefork child i (0..N-1, kept by its replacements) serves /metrics on PORT + i: the
+    children cannot all listen on one port, and a child that fails to is respawned for ever."""
+    from billiard.process import current_process  # type: ignore[import-untyped]
+
+    index = int(getattr(current_process(), "index", 0) or 0)
+    if not settings.metrics.port or not index:
+        return settings
+    metrics = settings.metrics.model_copy(update={"port": settings.metrics.port + index})
+    return settings.model_copy(update={"metrics": metrics})
 
 
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]
 def _on_worker_process_init(**_: Any) -> None:
     if _created:  # a prefork child: load the model here, once per process
-        _start(_created[-1])
+        app = _created[-1]
+        app.conf.moderation_settings = _child_settings(_settings_of(app))
+        _share_cores(_pool_processes)
+        _start(app)
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]

@@ -5,18 +5,42 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
-JobId = Annotated[
-    str,
-    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$"),
-]
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$")
+JobId = Annotated[str, StringConstraints(pattern=JOB_ID.pattern)]
 SCHEMA_FILES = {"job": "job.schema.json", "result": "result.schema.json"}
+#: Limits on a job's pass-through ``metadata`` (it is copied into every result).
+METADATA_MAX_DEPTH = 16
+METADATA_MAX_BYTES = 64 * 1024
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of decoded JSON, without recursion (0 for a scalar)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list | tuple):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
 
 
 def new_job_id() -> str:
@@ -51,7 +75,7 @@ class SinkConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    type: str = Field(description="Sink plugin name (`worker plugins` lists them).")
+    type: str = Field(max_length=64, description="Sink plugin name (`worker plugins` lists them).")
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -71,9 +95,28 @@ class Job(BaseModel):
         None, description="Policy names to score; default = every loaded policy."
     )
     sinks: list[SinkConfig] = Field(
-        default_factory=list, description="Where to deliver the result; default = settings."
+        default_factory=list,
+        max_length=8,
+        description="Where to deliver the result (at most 8); default = settings.",
     )
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Passed through as is.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Passed through as is (at most {METADATA_MAX_DEPTH} levels deep and "
+        f"{METADATA_MAX_BYTES // 1024} KiB as JSON).",
+    )
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _bounded_metadata(cls, value: Any) -> Any:
+        if json_depth(value) > METADATA_MAX_DEPTH:
+            raise ValueError(f"metadata is nested deeper than {METADATA_MAX_DEPTH} levels")
+        try:
+            size = len(json.dumps(value))
+        except (TypeError, ValueError, RecursionError):
+            raise ValueError("metadata is not JSON") from None
+        if size > METADATA_MAX_BYTES:
+            raise ValueError(f"metadata is {size} bytes as JSON, over {METADATA_MAX_BYTES}")
+        return value
 
 
 class ImageInfo(BaseModel):

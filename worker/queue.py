@@ -12,6 +12,8 @@ store the result, then deliver it.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,10 +23,11 @@ import structlog
 from pydantic import ValidationError
 
 from worker.delivery import Deliverer
-from worker.documents import Job, Result
+from worker.documents import JOB_ID, Job, Result
 from worker.engine import Engine, WorkItem
+from worker.errors import JobError
 from worker.log import get_logger
-from worker.store import DeadLetter, Store
+from worker.store import RAW_KEPT, DeadLetter, Store, refused_id
 from worker.telemetry import Telemetry
 
 log = get_logger(__name__)
@@ -49,8 +52,14 @@ class QueueProcessor:
         self.deliverer = deliverer
         self.max_attempts = max_attempts
 
-    def process(self, payloads: Sequence[Any]) -> list[bool]:
-        """One outcome per payload: True = finished (ack), False = put back (requeue)."""
+    def process(
+        self, payloads: Sequence[Any], message_ids: Sequence[str | None] | None = None
+    ) -> list[bool]:
+        """One outcome per payload: True = finished (ack), False = put back (requeue).
+
+        ``message_ids`` (the queue's ids of the messages) name the dead letters of invalid
+        jobs, so a message delivered twice is answered by one entry."""
+        ids = list(message_ids or [None] * len(payloads))
         batch_id = uuid.uuid4().hex[:12]
         started = time.perf_counter()
         log.info("batch.started", batch_id=batch_id, size=len(payloads))
@@ -59,9 +68,9 @@ class QueueProcessor:
         done = [False] * len(payloads)
         to_score: dict[str, tuple[Job, int]] = {}
         waiting: dict[str, list[int]] = {}  # job id -> indexes of messages it answers
-        for index, payload in enumerate(payloads):
+        for index, (payload, message_id) in enumerate(zip(payloads, ids, strict=True)):
             try:
-                job = self._admit(payload, batch_id)
+                job = self._admit(payload, batch_id, message_id)
             except Exception:
                 log.exception("job.admit_failed", batch_id=batch_id)
                 continue
@@ -79,6 +88,7 @@ class QueueProcessor:
         log.info(
             "batch.processed",
             batch_id=batch_id,
+            pid=os.getpid(),  # tells prefork children apart
             size=len(payloads),
             scored=len(to_score),
             requeued=done.count(False),
@@ -86,16 +96,19 @@ class QueueProcessor:
         )
         return done
 
-    def _admit(self, payload: Any, batch_id: str) -> tuple[Job, int] | None:
-        """Validate and count one message. None = finished already (dead letter, redelivery)."""
+    def _admit(
+        self, payload: Any, batch_id: str, message_id: str | None = None
+    ) -> tuple[Job, int] | None:
+        """Validate and count one message. None = finished already (dead letter, refusal,
+        redelivery)."""
         try:
             job = Job.model_validate(payload)
         except ValidationError as exc:
-            job_id = payload.get("job_id") if isinstance(payload, dict) else None
-            job_id = str(job_id or f"invalid-{uuid.uuid4().hex[:12]}")
-            doc = payload if isinstance(payload, dict) else {"payload": repr(payload)[:2000]}
-            self.store.dead_letter(DeadLetter(job_id, doc, 0, f"invalid job: {exc}", "validate"))
-            log.error("job.invalid", job_id=job_id, batch_id=batch_id, error=str(exc)[:300])
+            self._dead_letter_invalid(payload, exc, batch_id, message_id)
+            return None
+        problem = self.deliverer.job_sink_problem(job)
+        if problem is not None:
+            self._refuse(job, JobError(problem, code="sink_not_allowed"), batch_id)
             return None
         attempt = self.store.take_attempt(job.job_id)
         with structlog.contextvars.bound_contextvars(
@@ -103,13 +116,14 @@ class QueueProcessor:
         ):
             if attempt > self.max_attempts:
                 self.store.dead_letter(
-                    DeadLetter(
+                    DeadLetter.of(
                         job.job_id,
                         job.model_dump(mode="json"),
                         attempt - 1,
                         f"taken {attempt - 1} times without finishing (the worker crashed or "
                         "the job kept failing)",
                         "score",
+                        sealer=self.store.sealer,
                     )
                 )
                 log.error("job.dead_lettered")
@@ -121,6 +135,45 @@ class QueueProcessor:
                 log.info("job.redelivered")
                 return None
         return job, attempt
+
+    def _dead_letter_invalid(
+        self, payload: Any, exc: ValidationError, batch_id: str, message_id: str | None
+    ) -> None:
+        """A message that is a JSON object but not a valid job: dead-lettered at once."""
+        hint = payload.get("job_id") if isinstance(payload, dict) else None
+        valid_id = isinstance(hint, str) and JOB_ID.fullmatch(hint) is not None
+        job_id = str(hint) if valid_id else refused_id(message_id, "invalid")
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raw = json.dumps(payload, default=repr)
+        small = isinstance(payload, dict) and len(raw) <= RAW_KEPT
+        entry = DeadLetter.of(
+            job_id,
+            payload if small else {},
+            0,
+            f"invalid job: {problems}",
+            "validate",
+            raw=None if small else raw,
+            sealer=self.store.sealer,
+        )
+        self.store.dead_letter(entry)
+        log.error("job.invalid", job_id=job_id, batch_id=batch_id, error=entry.error[:300])
+
+    def _refuse(self, job: Job, error: JobError, batch_id: str) -> None:
+        """Answer a job without scoring it: an error result, stored for `wait`."""
+        item = WorkItem(job.job_id, job.image, job.policies, job.metadata)
+        result = self.engine.refuse(item, error)
+        self.store.put_result(job.job_id, result.to_json())
+        if self.telemetry is not None:
+            self.telemetry.observe_result(result)
+        log.error(
+            "job.refused",
+            job_id=job.job_id,
+            batch_id=batch_id,
+            code=error.code,
+            error=result.error.message[:300] if result.error else "",
+        )
 
     def _score(self, jobs: list[tuple[Job, int]], batch_id: str) -> dict[str, bool]:
         items = [WorkItem(j.job_id, j.image, j.policies, j.metadata) for j, _ in jobs]
