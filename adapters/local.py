@@ -43,6 +43,19 @@ class LocalSink(Sink):
             mode = "jsonl" if self.path.suffix == ".jsonl" else "dir"
         self.mode = mode
 
+    @classmethod
+    def job_option_problem(cls, options: LocalOptions, context: PluginContext) -> str | None:
+        """A job may write only under WORKER_SINK_ROOTS (symlinks and ``..`` resolved)."""
+        roots = [Path(r).expanduser().resolve() for r in context.settings.sink_roots]
+        target = Path(options.path).expanduser()
+        if not target.is_absolute():
+            return f"local sink path {options.path[:200]!r} must be absolute in a job"
+        resolved = target.resolve()
+        if any(resolved.is_relative_to(root) for root in roots):
+            return None
+        allowed = ", ".join(map(str, roots)) or "none configured"
+        return f"local sink path {options.path[:200]!r} is outside WORKER_SINK_ROOTS ({allowed})"
+
     def deliver(self, result: Result) -> None:
         body = result.to_json()
         try:

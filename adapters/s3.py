@@ -202,6 +202,10 @@ class S3Sink(Sink):
     def deliver(self, result: Result) -> None:
         client = s3_client(self.context.settings)
         body = result.to_json().encode()
+        source = result.image.uri or ""
+        if source.startswith("s3://"):
+            self._mark_source(client, result, source, body)
+        # The result object goes last: once it exists, the tags and sidecar are there too.
         key = f"{self.key_prefix}{result.job_id}.json"
         self._call(
             f"put s3://{self.bucket}/{key}",
@@ -211,9 +215,9 @@ class S3Sink(Sink):
             Body=body,
             ContentType="application/json",
         )
-        source = result.image.uri or ""
-        if not source.startswith("s3://") or not (self.options.tag_source or self.options.sidecar):
-            return
+
+    def _mark_source(self, client: Any, result: Result, source: str, body: bytes) -> None:
+        """The sidecar beside the source object and the result tags on it, as asked."""
         bucket, source_key = split_s3_uri(source)
         if self.options.sidecar:
             self._call(

@@ -31,6 +31,7 @@ from worker.documents import Result
 from worker.errors import PermanentSinkError, PluginError, RetryableSinkError, SourceError
 from worker.log import get_logger
 from worker.plugins import PluginContext, Sink
+from worker.redact import redact_uri
 
 log = get_logger(__name__)
 SECRET_PREFIX = "whsec_"
@@ -144,7 +145,9 @@ class WebhookSink(Sink):
         if response.status == 410:
             reason = f"410 Gone at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
             self._disable(key, reason)
-            log.error("sink.endpoint_disabled", url=url, job_id=result.job_id, reason=reason)
+            log.error(
+                "sink.endpoint_disabled", url=redact_uri(url), job_id=result.job_id, reason=reason
+            )
             raise PermanentSinkError(f"webhook {url} answered 410 Gone: endpoint disabled")
         raise RetryableSinkError(
             f"webhook {url} answered HTTP {response.status}",

@@ -33,7 +33,7 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        self.store = Store.from_url(settings.broker_url, settings.queue.result_ttl_s)
+        self.store = Store.from_settings(settings)
 
     def submit(self, job: Job | dict[str, Any]) -> str:
         """Validate ``job`` and enqueue it; returns its ``job_id``.

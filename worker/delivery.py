@@ -8,22 +8,46 @@ permanent failure, or the last allowed attempt, writes a dead letter. Nothing is
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from worker.documents import Job, Result
 from worker.errors import PermanentSinkError, PluginError, SinkError
 from worker.log import get_logger
-from worker.plugins import PluginContext, Sink, make_sink
+from worker.plugins import PluginContext, Sink, available_sinks, job_sink_problem, make_sink
+from worker.redact import redact_text
 from worker.store import DeadLetter, Delivery, Store, new_delivery_id
 from worker.telemetry import Telemetry
 
 log = get_logger(__name__)
 MAX_RETRY_AFTER_S = 24 * 3600
+
+
+def delivery_id_of(job_id: str, config: dict[str, Any]) -> str:
+    """One id per (job, sink): a job answered again (a redelivered message) replaces its
+    pending delivery instead of adding a second one."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{job_id}:{digest}"
+
+
+@functools.cache
+def _installed_sinks() -> frozenset[str]:
+    return frozenset(available_sinks())
+
+
+def sink_label(name: object) -> str:
+    """A sink type as a metrics/log label: installed names as they are, anything else one
+    bounded value (a job cannot create a new time series per made-up name)."""
+    text = str(name)
+    return text if text in _installed_sinks() else "unknown"
 
 
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None = None) -> float:
@@ -67,9 +91,12 @@ def deliver_inline(
             except Exception as exc:
                 retryable, message, retry_after = failure_of(exc)
                 if not retryable or attempt == max_attempts:
-                    failures.append(f"{config.get('type')}: {message}")
+                    failures.append(f"{sink_label(config.get('type'))}: {redact_text(message)}")
                     log.error(
-                        "sink.failed", job_id=result.job_id, sink=config.get("type"), error=message
+                        "sink.failed",
+                        job_id=result.job_id,
+                        sink=sink_label(config.get("type")),
+                        error=redact_text(message),
                     )
                     break
                 time.sleep(backoff_delay(attempt, backoff_base_s, backoff_max_s, retry_after))
@@ -102,7 +129,15 @@ class SinkCache:
 
 
 class Deliverer:
-    """Delivers results to the sinks a job names (or the default sinks)."""
+    """Delivers results to the sinks a job names (or the default sinks).
+
+    Every delivery is written to the Redis schedule *before* it is attempted, leased to
+    this worker for ``lease_s``, and removed when it succeeds or is dead-lettered. The
+    attempts run in a pool of ``concurrency`` threads, so one slow endpoint never holds
+    up scoring; a worker that dies mid-attempt leaves the delivery to be claimed again by
+    any worker when the lease runs out. Deliveries beyond what the pool has room for stay
+    in Redis, due now, for :meth:`run_due`.
+    """
 
     def __init__(
         self,
@@ -114,6 +149,8 @@ class Deliverer:
         backoff_base_s: float,
         backoff_max_s: float,
         lease_s: float,
+        concurrency: int = 8,
+        job_sink_types: Sequence[str] | None = None,
         resubmit: Callable[[dict[str, Any]], None] | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
@@ -126,6 +163,20 @@ class Deliverer:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.lease_s = lease_s
+        self.concurrency = concurrency
+        self.job_sink_types = job_sink_types
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="deliver")
+        self._in_flight: dict[Future[bool], Delivery] = {}
+        self._lock = threading.Lock()
+
+    def job_sink_problem(self, job: Job) -> str | None:
+        """Why the sinks a job names may not be used (settings' limits), or None."""
+        for sink in job.sinks:
+            config = {"type": sink.type, **sink.options()}
+            problem = job_sink_problem(config, self.sinks.context, self.job_sink_types)
+            if problem is not None:
+                return problem
+        return None
 
     def sink_configs(self, job: Job) -> list[dict[str, Any]]:
         if job.sinks:
@@ -133,17 +184,64 @@ class Deliverer:
         return self.default_sinks
 
     def deliver_all(self, job: Job, result: Result) -> None:
-        """First delivery attempt of ``result`` to each of the job's sinks."""
+        """Schedule ``result`` for each of the job's sinks and start the first attempts.
+
+        When this returns, every delivery is in Redis: the job's message can be acked.
+        """
         body = result.to_json()
         job_doc = job.model_dump(mode="json")
-        for config in self.sink_configs(job):
-            self.attempt(Delivery(new_delivery_id(), job_doc, config, 1, body), scheduled=False)
+        deliveries = [
+            Delivery(delivery_id_of(job.job_id, config), job_doc, config, 1, body)
+            for config in self.sink_configs(job)
+        ]
+        leased_until = time.time() + self.lease_s
+        self.store.schedule_deliveries([(d, leased_until) for d in deliveries])
+        for delivery in deliveries:
+            self._start(delivery)
 
-    def attempt(self, delivery: Delivery, *, scheduled: bool) -> bool:
+    def room(self) -> int:
+        """How many more attempts the pool takes now (the rest wait in Redis)."""
+        with self._lock:
+            return max(0, 2 * self.concurrency - len(self._in_flight))
+
+    def _start(self, delivery: Delivery) -> None:
+        if self.room() == 0:  # leave it to run_due, due now
+            self.store.schedule_delivery(delivery, time.time())
+            return
+        future = self._pool.submit(self.attempt, delivery)
+        with self._lock:
+            self._in_flight[future] = delivery
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[bool]) -> None:
+        with self._lock:
+            self._in_flight.pop(future, None)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no attempt is running (tests, shutdown); True if idle."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._in_flight:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def close(self) -> None:
+        """Finish the attempts in hand; those not started are due again at once."""
+        with self._lock:
+            in_flight = list(self._in_flight.items())
+        # cancel() runs the done-callbacks, which take the lock: call it outside.
+        waiting = [delivery for future, delivery in in_flight if future.cancel()]
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for delivery in waiting:
+            self.store.schedule_delivery(delivery, time.time())
+
+    def attempt(self, delivery: Delivery) -> bool:
         """Try one delivery; schedule a retry or dead-letter it on failure. True if delivered."""
         job_id = str(delivery.job.get("job_id"))
         config = delivery.sink or {}
-        sink_type = config.get("type")
+        sink_type = sink_label(config.get("type"))
         started = time.perf_counter()
         try:
             sink = self.sinks.get(config)
@@ -156,24 +254,22 @@ class Deliverer:
                 self._retry_or_give_up(delivery, message, retry_after)
             else:
                 self._dead_letter(delivery, message)
-        else:
-            if scheduled:
-                self.store.finish_delivery(delivery.delivery_id)
-            seconds = time.perf_counter() - started
-            self._count(sink_type, "delivered", seconds)
-            log.info(
-                "sink.delivered",
-                job_id=job_id,
-                sink=sink_type,
-                attempt=delivery.attempt,
-                ms=round(seconds * 1000, 1),
-            )
-            return True
-        return False
+            return False
+        self.store.finish_delivery(delivery.delivery_id)
+        seconds = time.perf_counter() - started
+        self._count(sink_type, "delivered", seconds)
+        log.info(
+            "sink.delivered",
+            job_id=job_id,
+            sink=sink_type,
+            attempt=delivery.attempt,
+            ms=round(seconds * 1000, 1),
+        )
+        return True
 
-    def _count(self, sink: object, outcome: str, seconds: float | None = None) -> None:
+    def _count(self, sink: str, outcome: str, seconds: float | None = None) -> None:
         if self.telemetry is not None:
-            self.telemetry.observe_delivery(str(sink), outcome, seconds)
+            self.telemetry.observe_delivery(sink, outcome, seconds)
 
     def _retry_or_give_up(self, delivery: Delivery, error: str, retry_after: float | None) -> None:
         job_id = str(delivery.job.get("job_id"))
@@ -183,34 +279,36 @@ class Deliverer:
         delay = backoff_delay(
             delivery.attempt, self.backoff_base_s, self.backoff_max_s, retry_after
         )
-        retry = Delivery(
-            delivery.delivery_id,
-            delivery.job,
-            delivery.sink,
-            delivery.attempt + 1,
-            delivery.result,
-            error,
-        )
+        retry = replace(delivery, attempt=delivery.attempt + 1, last_error=error)
         self.store.schedule_delivery(retry, time.time() + delay)
-        self._count((delivery.sink or {}).get("type"), "retry_scheduled")
+        sink = sink_label((delivery.sink or {}).get("type"))
+        self._count(sink, "retry_scheduled")
         log.warning(
             "sink.retry_scheduled",
             job_id=job_id,
-            sink=(delivery.sink or {}).get("type"),
+            sink=sink,
             attempt=delivery.attempt,
             delay_s=round(delay, 2),
-            error=error[:300],
+            error=redact_text(error[:300]),
         )
 
     def _dead_letter(self, delivery: Delivery, error: str) -> None:
         job_id = str(delivery.job.get("job_id"))
         self.store.dead_letter(
-            DeadLetter(job_id, delivery.job, delivery.attempt, error, "deliver", delivery.sink)
+            DeadLetter.of(
+                job_id,
+                delivery.job,
+                delivery.attempt,
+                error,
+                "deliver",
+                sink=delivery.sink,
+                sealer=self.store.sealer,
+            )
         )
         self.store.finish_delivery(delivery.delivery_id)
-        sink = (delivery.sink or {}).get("type")
+        sink = sink_label((delivery.sink or {}).get("type"))
         self._count(sink, "dead_lettered")
-        log.error("sink.failed", job_id=job_id, sink=sink, error=error[:300])
+        log.error("sink.failed", job_id=job_id, sink=sink, error=redact_text(error[:300]))
 
     def schedule_resubmit(self, job: Job, attempt: int, error: str) -> float:
         """Submit ``job`` again after a backoff (transient source failures); returns the delay."""
@@ -220,8 +318,12 @@ class Deliverer:
         return delay
 
     def run_due(self) -> int:
-        """Attempt every delivery that is due now; returns how many were attempted."""
-        due = self.store.claim_deliveries(time.time(), self.lease_s)
+        """Start every delivery that is due now (as far as the pool has room); returns how
+        many were claimed."""
+        room = self.room()
+        if room == 0:
+            return 0
+        due = self.store.claim_deliveries(time.time(), self.lease_s, limit=room)
         for delivery in due:
             if delivery.sink is None:
                 if self.resubmit is None:  # only workers resubmit; leave it for one
@@ -230,7 +332,13 @@ class Deliverer:
                 self.store.finish_delivery(delivery.delivery_id)
                 log.info("job.resubmitted", job_id=delivery.job.get("job_id"))
             else:
-                self.attempt(delivery, scheduled=True)
+                log.info(
+                    "delivery.claimed",
+                    job_id=delivery.job.get("job_id"),
+                    sink=sink_label((delivery.sink or {}).get("type")),
+                    attempt=delivery.attempt,
+                )
+                self._start(delivery)
         return len(due)
 
 

@@ -34,10 +34,16 @@ from worker.documents import (
 from worker.errors import JobError
 from worker.fetcher import ImageFetcher
 from worker.heads import CompiledModeration
-from worker.images import decode_image, install_decompression_bomb_guard
+from worker.images import (
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_SIDE,
+    decode_image,
+    install_decompression_bomb_guard,
+)
 from worker.log import get_logger
 from worker.model import LoadedModel
 from worker.policyset import PolicySet
+from worker.redact import redact_text, redact_uri
 from worker.scoring import moderation_decisions, moderation_scores, tag_probabilities, top_tags
 
 log = get_logger(__name__)
@@ -80,11 +86,15 @@ class Engine:
         allowed_formats: Sequence[str],
         decode_workers: int = 0,
         jpeg_draft: bool = True,
+        max_side: int = DEFAULT_MAX_SIDE,
+        max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
     ) -> None:
         self.model = model
         self.policies = policies  # replaced wholesale on reload; reads see one set or the other
         self.fetcher = fetcher
         self.max_pixels = max_pixels
+        self.max_side = max_side
+        self.max_aspect_ratio = max_aspect_ratio
         self.allowed_formats = frozenset(f.upper() for f in allowed_formats)
         self.draft_size = model.image_size if jpeg_draft else None
         self.workers = decode_workers or os.cpu_count() or 1
@@ -96,7 +106,7 @@ class Engine:
 
     def prepare(self, item: WorkItem) -> Prepared:
         """Fetch, decode and preprocess one image. Never raises for a bad job."""
-        prep = Prepared(item, ImageInfo(uri=item.image.uri, filename=item.image.filename))
+        prep = Prepared(item, self._image_info(item))
         try:
             unknown = [p for p in item.policies or [] if p not in self.policies]
             if unknown:
@@ -114,6 +124,8 @@ class Engine:
                 max_pixels=self.max_pixels,
                 allowed_formats=self.allowed_formats,
                 draft_size=self.draft_size,
+                max_side=self.max_side,
+                max_aspect_ratio=self.max_aspect_ratio,
             )
             prep.info = prep.info.model_copy(
                 update={
@@ -237,9 +249,17 @@ class Engine:
 
     def _error_result(self, prep: Prepared) -> Result:
         error = prep.error or JobError("image was not prepared", code="internal_error")
-        return self._result(
-            prep, status="error", error=ErrorInfo(code=error.code, message=error.message)
-        )
+        message = redact_text(error.message)
+        return self._result(prep, status="error", error=ErrorInfo(code=error.code, message=message))
+
+    @staticmethod
+    def _image_info(item: WorkItem) -> ImageInfo:
+        uri = redact_uri(item.image.uri) if item.image.uri is not None else None
+        return ImageInfo(uri=uri, filename=item.image.filename)
+
+    def refuse(self, item: WorkItem, error: JobError) -> Result:
+        """The error result of a job refused before its image was looked at."""
+        return self._error_result(Prepared(item, self._image_info(item), error=error))
 
     def _result(self, prep: Prepared, **fields: Any) -> Result:
         return Result(

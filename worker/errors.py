@@ -39,6 +39,9 @@ ERROR_CODES: dict[str, str] = {
     "image_unreadable": "The bytes are not a decodable image (corrupt, truncated, not an image).",
     "format_not_allowed": "The image decodes but its format is not in the allowlist.",
     "policy_not_found": "The job names a policy that is not loaded.",
+    "sink_not_allowed": "The job names a sink that settings do not allow jobs to use (a sink "
+    "type outside WORKER_JOB_SINK_TYPES, bad sink options, or a local path outside "
+    "WORKER_SINK_ROOTS); nothing was scored or delivered.",
     "internal_error": "An unexpected failure while scoring this job; the message has details.",
 }
 

@@ -23,6 +23,7 @@ A source::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from worker.documents import Result
 from worker.errors import PluginError
+from worker.redact import redact_text
 
 SINK_GROUP = "moderation_worker.sinks"
 SOURCE_GROUP = "moderation_worker.sources"
@@ -61,6 +63,13 @@ class Sink(ABC):
     def __init__(self, options: Any, context: PluginContext) -> None:
         self.options = options
         self.context = context
+
+    @classmethod
+    def job_option_problem(cls, options: Any, context: PluginContext) -> str | None:
+        """Why a *job* may not use these (validated) options, or None. Sinks that write
+        where a job could choose (paths, hosts) override this with the settings' limits;
+        sinks from settings (``WORKER_SINKS``, ``--sink``) are trusted and not asked."""
+        return None
 
     @abstractmethod
     def deliver(self, result: Result) -> None:
@@ -136,7 +145,9 @@ def parse_sink_spec(spec: str) -> dict[str, Any]:
     """
     kind, sep, rest = spec.partition(":")
     if not sep or not kind:
-        raise PluginError(f"sink spec {spec!r} must look like TYPE:TARGET[,key=value...]")
+        raise PluginError(
+            f"sink spec {redact_text(spec)!r} must look like TYPE:TARGET[,key=value...]"
+        )
     cls = sink_class(kind)
     target, *pairs = rest.split(",") if rest else [""]
     config: dict[str, Any] = {"type": kind}
@@ -147,7 +158,9 @@ def parse_sink_spec(spec: str) -> dict[str, Any]:
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq:
-            raise PluginError(f"sink spec {spec!r}: {pair!r} is not key=value")
+            raise PluginError(
+                f"sink spec {redact_text(spec)!r}: {redact_text(pair)!r} is not key=value"
+            )
         config[key.strip()] = value
     return config
 
@@ -167,6 +180,28 @@ def _parse_options(cls: type[Sink], name: str, options: dict[str, Any]) -> BaseM
             f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
         )
         raise PluginError(f"bad options for sink {name!r}: {problems}") from None
+
+
+def job_sink_problem(
+    config: dict[str, Any], context: PluginContext, allowed_types: Sequence[str] | None
+) -> str | None:
+    """Why a job may not deliver to ``config``, or None: the type must be installed and
+    allowed, the options valid, and the sink's own limits met (e.g. local roots)."""
+    name = str(config.get("type", ""))
+    installed = available_sinks()
+    if name not in installed:
+        return f"unknown sink type {name[:64]!r} (installed: {', '.join(sorted(installed))})"
+    if allowed_types is not None and name not in allowed_types:
+        return (
+            f"sink type {name!r} is not allowed in jobs (WORKER_JOB_SINK_TYPES: "
+            f"{', '.join(allowed_types) or 'none'})"
+        )
+    try:
+        cls = sink_class(name)
+        options = _parse_options(cls, name, {k: v for k, v in config.items() if k != "type"})
+    except PluginError as exc:
+        return redact_text(str(exc))
+    return cls.job_option_problem(options, context)
 
 
 def make_sources(context: PluginContext) -> dict[str, Source]:

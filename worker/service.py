@@ -6,6 +6,7 @@ solo and threads pools), never at import time.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class Service:
     def start(cls, settings: Settings, resubmit: Callable[[dict[str, Any]], None]) -> Service:
         defaults = default_sink_configs(settings)  # bad sink settings fail before the model loads
         engine = build_engine(settings, service=True)
-        store = Store.from_url(settings.broker_url, settings.queue.result_ttl_s)
+        store = Store.from_settings(settings)
         store.redis.ping()
         telemetry = Telemetry()
         telemetry.set_model({**engine.model.describe(), "device": str(engine.model.device)})
@@ -66,7 +67,7 @@ class Service:
         telemetry.watch_redis(
             lambda: {
                 "queue_depth": float(store.redis.llen(settings.queue.name)),
-                "dead_letters": float(store.redis.hlen("mw:dlq")),
+                "dead_letters": float(store.dead_letter_count()),
                 "pending_retries": float(store.pending_deliveries()),
             },
             settings.queue.name,
@@ -79,6 +80,8 @@ class Service:
             backoff_base_s=settings.delivery.backoff_base_s,
             backoff_max_s=settings.delivery.backoff_max_s,
             lease_s=settings.delivery.lease_s,
+            concurrency=settings.delivery.concurrency,
+            job_sink_types=settings.job_sink_types,
             resubmit=resubmit,
             telemetry=telemetry,
         )
@@ -106,13 +109,19 @@ class Service:
         service.batch_size = resolve_batch_size(settings, engine.model)
         if settings.metrics.port:
             service.health = HealthServer(
-                settings.metrics.host, settings.metrics.port, telemetry, service.readiness
+                settings.metrics.host,
+                settings.metrics.port,
+                telemetry,
+                service.readiness,
+                timeout_s=settings.metrics.timeout_s,
+                max_connections=settings.metrics.max_connections,
             )
             service.health.start()
         watcher.start()
         loop.start()
         log.info(
             "worker.ready",
+            pid=os.getpid(),
             model=engine.model.name,
             pretrained=engine.model.pretrained,
             fingerprint=engine.model.fingerprint,
@@ -148,6 +157,7 @@ class Service:
             self.health.stop()
         self.watcher.stop()
         self.loop.stop()
+        self.deliverer.close()
         self.deliverer.sinks.close()
         self.engine.close()
         log.info("worker.stopped")

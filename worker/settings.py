@@ -113,6 +113,13 @@ class DeliverySettings(BaseModel):
         gt=0,
         description="A claimed delivery is retried by another worker if not finished by then.",
     )
+    concurrency: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Deliveries attempted at once per worker, apart from scoring (a slow "
+        "endpoint never holds up a batch).",
+    )
 
 
 class MetricsSettings(BaseModel):
@@ -122,6 +129,17 @@ class MetricsSettings(BaseModel):
 
     host: str = Field("0.0.0.0", description="Address the endpoint listens on.")
     port: int = Field(9808, ge=0, le=65535, description="Port; 0 turns the endpoint off.")
+    max_connections: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Requests served at once; further connections wait in the listen backlog.",
+    )
+    timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="A connection that sends no complete request within this is closed.",
+    )
 
 
 class HttpSettings(BaseModel):
@@ -190,6 +208,14 @@ class ImageSettings(BaseModel):
     max_pixels: int = Field(
         64_000_000, ge=1, description="Largest width x height (decompression-bomb guard)."
     )
+    max_side: int = Field(
+        32_768, ge=1, description="Largest width and largest height, read from the header."
+    )
+    max_aspect_ratio: float = Field(
+        50.0,
+        ge=1,
+        description="Largest long side / short side (a 100000x1 strip is refused before decoding).",
+    )
     allowed_formats: list[str] = Field(
         default_factory=lambda: ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"],
         description="Pillow format names accepted; anything else is format_not_allowed.",
@@ -243,6 +269,23 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    sink_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories under which a job may name a `local` sink in a queue worker; "
+        "none by default (jobs then cannot write local files). Default sinks from "
+        "WORKER_SINKS are trusted and not limited.",
+    )
+    job_sink_types: list[str] | None = Field(
+        None,
+        description="Sink types a job may name in its own `sinks` (default: every installed "
+        "sink); any other makes the job's result the error `sink_not_allowed`.",
+    )
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Fernet key (`worker secrets keygen`) sealing job secrets and presigned "
+        "URLs kept in Redis for retries and dead letters; without it they are redacted and such "
+        "entries cannot be retried.",
+    )
     file_roots: list[Path] = Field(
         default_factory=list,
         description="Directories a queue worker may read local paths from; none by default. "
