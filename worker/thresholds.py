@@ -3,6 +3,11 @@
 ruamel.yaml round-trip keeps comments, key order, quoting and flow style. The file's
 indentation style is found by dumping it unmodified with each common style and keeping
 the one that reproduces it exactly. Only the ``threshold`` values named change.
+
+Values are written unrounded: the shortest decimal that reads back as the same float
+(``repr``), so a suggested 0.99996 stays 0.99996 rather than becoming 1.0 (which would
+flag nothing), and 0.00004 is written ``4.0e-05`` (a float to YAML 1.1 and 1.2 readers
+alike) rather than becoming 0.0 (which would flag everything). Round only for display.
 """
 
 from __future__ import annotations
@@ -16,14 +21,40 @@ from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
+from ruamel.yaml.nodes import ScalarNode
+from ruamel.yaml.representer import RoundTripRepresenter
 
 from worker.errors import PolicyError, PolicyProblem
 
 STYLES = ((2, 4, 2), (2, 2, 0), (4, 6, 2), (4, 4, 0), (2, 4, 0), (4, 4, 2))
 
 
+def float_text(value: float) -> str:
+    """``value`` as the shortest YAML float that reads back exactly: ``repr``, with a
+    ``.0`` added to a bare exponent mantissa (``4e-05`` -> ``4.0e-05``) so YAML 1.1
+    readers (PyYAML) do not take it for a string."""
+    text = repr(float(value))
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
+class _ExactFloatRepresenter(RoundTripRepresenter):
+    """Round-trip representer that writes new (plain ``float``) values with
+    :func:`float_text`; floats read from the file keep their own spelling."""
+
+
+def _represent_float(representer: RoundTripRepresenter, value: float) -> ScalarNode:
+    return representer.represent_scalar("tag:yaml.org,2002:float", float_text(value))
+
+
+_ExactFloatRepresenter.add_representer(float, _represent_float)
+
+
 def _yaml(style: tuple[int, int, int]) -> YAML:
     yaml = YAML(typ="rt")
+    yaml.Representer = _ExactFloatRepresenter
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap long lines
     yaml.indent(mapping=style[0], sequence=style[1], offset=style[2])
@@ -68,7 +99,7 @@ def update_thresholds(
         )
     for category in target.get("categories", []):
         if category.get("id") in thresholds:
-            category["threshold"] = round(float(thresholds[category["id"]]), 3)
+            category["threshold"] = float(thresholds[category["id"]])
     updated = _dump(yaml, docs)
     diff = "".join(
         difflib.unified_diff(

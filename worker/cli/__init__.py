@@ -9,14 +9,20 @@ import typer
 
 from worker.cli import evaluate, finetune, ops, plugins, policies, queue
 from worker.cli.classify import classify
-from worker.cli.common import EXIT_FAILED, State, exits_on_errors, stderr
+from worker.cli.common import EXIT_FAILED, TRACEBACK_ENV, CliGroup, State, state, stderr
 from worker.documents import json_schemas, write_schemas
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 app = typer.Typer(
     name="worker",
     help="Self-hosted image moderation and tagging: OpenCLIP zero-shot policies in YAML.\n\n"
     "Settings come from WORKER_* environment variables (nested with __, e.g. "
-    "WORKER_MODEL__NAME) or a TOML file given with --config / WORKER_CONFIG_FILE.",
+    "WORKER_MODEL__NAME) or a TOML file given with --config / WORKER_CONFIG_FILE.\n\n"
+    "Exit codes: 0 done, 1 the work failed, 2 a mistake to fix (setting, option, file, "
+    "Redis not reachable), named in one line on stderr. An internal error prints its "
+    f"traceback with --log-level debug or {TRACEBACK_ENV}=1.",
+    cls=CliGroup,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
@@ -37,7 +43,11 @@ def root(
         typer.Option("--log-level", help="debug | info | warning | error [default: info]"),
     ] = None,
 ) -> None:
-    ctx.obj = State(config, log_level)
+    if log_level is not None and log_level.strip().lower() not in LOG_LEVELS:
+        raise typer.BadParameter(
+            f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="--log-level"
+        )
+    ctx.obj = State(config, log_level.strip().lower() if log_level else None)
 
 
 app.command()(classify)
@@ -52,10 +62,12 @@ app.command()(finetune.finetune)
 app.command()(ops.health)
 app.command()(ops.bench)
 app.add_typer(plugins.webhooks_app, name="webhooks")
+app.add_typer(plugins.secrets_app, name="secrets")
 
 
 @app.command()
 def schemas(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Directory to write to.")] = Path(
         "docs/schemas"
     ),
@@ -64,6 +76,7 @@ def schemas(
     ] = False,
 ) -> None:
     """Export the JSON Schemas of the job and result documents."""
+    _ = state(ctx).settings  # like every command: a bad setting or --config fails here
     if check:
         import json
 
@@ -83,5 +96,4 @@ def schemas(
 
 
 def main() -> None:
-    with exits_on_errors():
-        app()
+    app()  # errors are handled by CliGroup

@@ -13,41 +13,70 @@ from typing import Annotated, TextIO
 import typer
 from rich.table import Table
 
-from worker.cli.common import EXIT_FAILED, exits_on_errors, progress_bar, state, stderr
+from worker.cli.common import EXIT_FAILED, fail, parse_sink_specs, progress_bar, state, stderr
 from worker.delivery import SinkCache, deliver_inline
 from worker.documents import ImageRef, Result
 from worker.engine import WorkItem
+from worker.errors import ConfigurationError
 from worker.fetcher import uri_scheme
-from worker.plugins import PluginContext, parse_sink_spec
+from worker.plugins import PluginContext
 from worker.runtime import build_engine, resolve_batch_size
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 GLOB_CHARS = set("*?[")
 
 
+def _local_path(src: str) -> Path | None:
+    """The path ``src`` names, or None for a URI another source handles (s3://, https://)."""
+    if uri_scheme(src) not in {"", "file"}:
+        return None
+    return Path(src.removeprefix("file://")).expanduser()
+
+
 def expand_sources(sources: list[str]) -> list[str]:
     """Paths, directories (recursive, image suffixes only), globs and URIs -> URIs in order.
 
-    Names that match nothing are kept, so they come out as ``source_not_found`` results.
+    A glob that matches no file is a ConfigurationError (exit 2: ``no files match …``), so
+    is a set of sources that holds no image at all. Other names that do not exist are kept,
+    so they come out as ``source_not_found`` results.
     """
     out: list[str] = []
+    empty_dirs: list[str] = []
     for src in sources:
-        if uri_scheme(src) not in {"", "file"}:
+        path = _local_path(src)
+        if path is None:
             out.append(src)
-            continue
-        path = Path(src.removeprefix("file://")).expanduser()
-        if path.is_dir():
-            out.extend(
+        elif path.is_dir():
+            found = [
                 str(p)
                 for p in sorted(path.rglob("*"))
                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
+            ]
+            out.extend(found)
+            if not found:
+                empty_dirs.append(src)
         elif not path.exists() and GLOB_CHARS & set(src):
-            matches = sorted(glob.glob(str(path), recursive=True))
-            out.extend(m for m in matches if Path(m).is_file()) if matches else out.append(src)
+            matches = [m for m in sorted(glob.glob(str(path), recursive=True)) if Path(m).is_file()]
+            if not matches:
+                raise ConfigurationError(f"no files match {src!r} (check the pattern)")
+            out.extend(matches)
         else:
             out.append(src)
+    if not out:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise ConfigurationError(
+            f"no image files in {', '.join(empty_dirs or sources)} (looked for {suffixes})"
+        )
     return out
+
+
+def require_some_source(uris: list[str]) -> None:
+    """ConfigurationError when every source is a local path that does not exist: nothing
+    could be scored (a few missing among others become ``source_not_found`` results)."""
+    paths = [_local_path(u) for u in uris]
+    if all(p is not None and not p.exists() for p in paths):
+        more = f" (and {len(uris) - 1} more)" if len(uris) > 1 else ""
+        raise ConfigurationError(f"no such file or directory: {uris[0]}{more}")
 
 
 def job_id_for(uri: str) -> str:
@@ -122,17 +151,25 @@ def classify(
     """
     settings = state(ctx).settings
     uris = expand_sources(sources)
-    if not uris:
-        stderr.print("[red]error[/red] no images found in the given sources")
-        raise typer.Exit(EXIT_FAILED)
-    with exits_on_errors():
-        sink_configs = [parse_sink_spec(s) for s in sink or []]
-        sinks = SinkCache(PluginContext(settings=settings))
+    require_some_source(uris)
+    if out is not None and not out.parent.is_dir():
+        fail(f"--out {out}: directory {out.parent} does not exist")
+    sink_configs = parse_sink_specs(sink or [])
+    sinks = SinkCache(PluginContext(settings=settings))
+    try:
         for config in sink_configs:  # bad sink settings fail before the model loads
             sinks.get(config)
         engine = build_engine(settings, policy_refs=policy or [])
+    except BaseException:
+        sinks.close()
+        raise
+    try:
+        out_file: TextIO = out.open("w", encoding="utf-8") if out else sys.stdout
+    except BaseException:  # e.g. PermissionError: one line, exit 2 (CliGroup)
+        engine.close()
+        sinks.close()
+        raise
     items = (WorkItem(job_id=job_id_for(u), image=ImageRef(uri=u)) for u in uris)
-    out_file: TextIO = out.open("w", encoding="utf-8") if out else sys.stdout
     results: list[Result] = []
     sink_failures: list[str] = []
     started = time.perf_counter()

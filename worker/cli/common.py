@@ -1,43 +1,179 @@
-"""What every command shares: settings from the root options, consoles, error exits."""
+"""What every command shares: settings from the root options, consoles, error exits.
+
+Every mistake a user can make at the command line (a bad setting, a bad option, Redis not
+reachable, a missing file, a bad ``--sink`` spec) ends the command with one line on
+stderr that names the fix and exit code 2; never with a traceback. :class:`CliGroup` does
+this for the whole `worker` app, :func:`describe` decides what is the user's doing.
+
+Anything else is a bug: one line ``internal error: …`` and exit code 1, or the full
+traceback with ``--log-level debug``, ``WORKER_LOG_LEVEL=debug`` or ``WORKER_TRACEBACK=1``.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, ClassVar, NoReturn
 
 import typer
+from pydantic_settings import SettingsError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
 
 from worker.errors import ConfigurationError, ModelLoadError, PolicyError, WorkerError
 from worker.log import configure_logging
-from worker.settings import Settings, load_settings
+from worker.redact import REDACTED, secret_values
+from worker.redact import redact_text as redact
+from worker.settings import CONFIG_FILE_ENV, ENV_PREFIX, Settings, load_settings
 
 stderr = Console(stderr=True, highlight=False)
 
 #: Exit codes: 0 done, 1 the work itself failed (no image readable, checks failed),
-#: 2 bad configuration, policy or model (nothing was attempted).
+#: 2 bad configuration, policy, model, option or environment (nothing was attempted).
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+
+#: Set to 1 to get the traceback of an internal error (as ``--log-level debug`` does).
+TRACEBACK_ENV = "WORKER_TRACEBACK"
+#: How long the pre-flight Redis ping may take before the command gives up.
+REDIS_PING_TIMEOUT_S = 3.0
+#: Most problem lines printed for one error (policy or data problems); the rest are counted.
+MAX_PROBLEM_LINES = 20
+
+
+def parse_sink_specs(specs: list[str]) -> list[dict[str, Any]]:
+    """``--sink TYPE:TARGET[,key=value…]`` specs -> sink configs. A bad spec is a
+    PluginError whose message never repeats a ``secret=`` / ``token=`` / ``password=`` /
+    ``key=`` value of the spec."""
+    from worker.errors import PluginError
+    from worker.plugins import parse_sink_spec, validate_sink_config
+
+    configs = []
+    for spec in specs:
+        try:
+            config = parse_sink_spec(spec)
+            validate_sink_config(config)
+        except (WorkerError, ValueError) as exc:
+            message = redact(one_line(str(exc)))
+            for value in secret_values(spec):
+                message = message.replace(value, REDACTED)
+            shown = redact(spec)
+            where = "" if shown in message else f" (in --sink {shown})"
+            raise PluginError(message + where) from None
+        configs.append(config)
+    return configs
+
+
+def one_line(text: str) -> str:
+    """Newlines and the indentation after them become ``; ``."""
+    parts = [p.strip() for p in str(text).splitlines() if p.strip()]
+    return "; ".join(parts).replace(":; ", ": ")
 
 
 class State:
     """Root options, turned into settings once, on first use."""
 
+    #: The state of the command running now (the last one made), for error messages.
+    current: ClassVar[State | None] = None
+
     def __init__(self, config: Path | None, log_level: str | None) -> None:
         self.config = config
         self.log_level = log_level
         self._settings: Settings | None = None
+        State.current = self
 
     @property
     def settings(self) -> Settings:
         if self._settings is None:
             overrides = {"log_level": self.log_level} if self.log_level else {}
-            self._settings = load_settings(self.config, **overrides)
+            self._settings = _load_settings(self.config, overrides)
             configure_logging(self._settings.log_level, self._settings.log_format)
         return self._settings
+
+    @property
+    def loaded(self) -> Settings | None:
+        """The settings if they were read already (never reads them)."""
+        return self._settings
+
+    @property
+    def debug(self) -> bool:
+        """Whether internal errors show their traceback."""
+        level = self._settings.log_level if self._settings is not None else self.log_level
+        return debugging(level)
+
+
+def debugging(log_level: str | None = None) -> bool:
+    """``WORKER_TRACEBACK=1``, or the log level (``--log-level``, else WORKER_LOG_LEVEL)
+    is debug."""
+    if os.environ.get(TRACEBACK_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    level = log_level or os.environ.get(f"{ENV_PREFIX}LOG_LEVEL", "")
+    return level.strip().lower() == "debug"
+
+
+def _config_path(config: Path | None) -> str | None:
+    return str(config) if config else os.environ.get(CONFIG_FILE_ENV) or None
+
+
+def _load_settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
+    """:func:`load_settings` with every way it can fail turned into a one-line
+    ConfigurationError that names the variable (or config file) to fix."""
+    path = _config_path(config)
+    where = f" or {path}" if path else ""
+    try:
+        return load_settings(config, **overrides)
+    except ConfigurationError as exc:
+        message = str(exc)
+        if not message.startswith("invalid settings:"):
+            raise ConfigurationError(one_line(message)) from None
+        problems = [
+            line.strip().replace(": Value error, ", ": ")
+            for line in message.splitlines()[1:]
+            if line.strip()
+        ]
+        fix = "fix the environment variable" + ("s" if len(problems) > 1 else "") + where
+        raise ConfigurationError(f"invalid settings: {'; '.join(problems)} ({fix})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(
+            f"config file {path} is not valid TOML: {exc} (fix it, or leave out --config / "
+            f"{CONFIG_FILE_ENV})"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            f"config file {path} is not UTF-8 text (give a TOML file)"
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read config file {path}: {exc.strerror or exc} (set --config or "
+            f"{CONFIG_FILE_ENV})"
+        ) from None
+    except SettingsError as exc:  # a list or table setting that is not JSON
+        raise ConfigurationError(_settings_error(exc, path)) from None
+
+
+def _settings_error(exc: Exception, path: str | None) -> str:
+    """pydantic-settings' 'error parsing value for field "x" from source "…"' (a list or
+    table setting that is not JSON) -> which variable to fix and how."""
+    found = re.search(r'field "([^"]+)" from source "([^"]+)"', str(exc))
+    if found is None:
+        return f"invalid settings: {one_line(str(exc))}"
+    field, source = found.groups()
+    detail = f": {exc.__cause__}" if exc.__cause__ else ""
+    if "Env" not in source:
+        return f"invalid settings: cannot parse {field!r} in {path or 'the config file'}{detail}"
+    name = f"{ENV_PREFIX}{field.upper()}"
+    named = sorted(k for k in os.environ if k == name or k.startswith(f"{name}__")) or [name]
+    return (
+        f"invalid settings: {' / '.join(named)} is not valid JSON{detail} "
+        "(lists and tables are JSON, e.g. '[\"/srv/images\"]')"
+    )
 
 
 def state(ctx: typer.Context) -> State:
@@ -48,21 +184,202 @@ def state(ctx: typer.Context) -> State:
     return found
 
 
+# ---------------------------------------------------------------------- Redis
+
+
+def redis_unreachable(
+    url: str, reason: object, setting: str = "WORKER_BROKER_URL"
+) -> ConfigurationError:
+    return ConfigurationError(
+        f"cannot reach Redis at {redact(url)}: {one_line(str(reason)) or type(reason).__name__} "
+        f"(set {setting})"
+    )
+
+
+def require_redis(
+    url: str, setting: str = "WORKER_BROKER_URL", timeout_s: float = REDIS_PING_TIMEOUT_S
+) -> None:
+    """Ping Redis once with a short timeout, before Celery (which retries for ever) or a
+    store is involved; ConfigurationError naming ``setting`` when it fails."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    try:
+        client = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+    except ValueError as exc:  # not a redis://, rediss:// or unix:// URL
+        raise ConfigurationError(f"{setting}={redact(url)} is not a Redis URL: {exc}") from None
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise redis_unreachable(url, exc, setting) from None
+    finally:
+        client.close()
+
+
+def require_broker(ctx: typer.Context) -> Settings:
+    """The settings, once their broker answers a ping."""
+    settings = state(ctx).settings
+    require_redis(settings.broker_url)
+    return settings
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def _bounded(header: str | None, problems: list[str]) -> list[str]:
+    lines = [header] if header else []
+    lines += [("  " if header else "") + p for p in problems[:MAX_PROBLEM_LINES]]
+    if len(problems) > MAX_PROBLEM_LINES:
+        lines.append(f"… and {len(problems) - MAX_PROBLEM_LINES} more")
+    return lines
+
+
+def _os_error(exc: OSError) -> str:
+    name = exc.filename if exc.filename is not None else None
+    shown = f"{name}" if name is not None else ""
+    if isinstance(exc, FileNotFoundError) and shown:
+        return f"no such file or directory: {shown}"
+    if isinstance(exc, PermissionError) and shown:
+        return f"permission denied: {shown} (check its owner and mode)"
+    if isinstance(exc, IsADirectoryError) and shown:
+        return f"{shown} is a directory; give a file"
+    if isinstance(exc, NotADirectoryError) and shown:
+        return f"{shown}: a part of this path is not a directory"
+    if isinstance(exc, FileExistsError) and shown:
+        return f"{shown} already exists"
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device{' writing ' + shown if shown else ''}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{reason}: {shown}" if shown else reason
+
+
+def _validation_error(exc: Any) -> str:
+    """A pydantic ValidationError in one line, without the input values (they may hold
+    secrets)."""
+    problems = [
+        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()
+    ]
+    return f"invalid {exc.title}: {'; '.join(problems)}"
+
+
+def _broker_url() -> str:
+    settings = State.current.loaded if State.current is not None else None
+    return settings.broker_url if settings is not None else "WORKER_BROKER_URL"
+
+
+def describe(exc: BaseException) -> tuple[int, list[str]] | None:
+    """(exit code, lines to print) for an error the user caused and can fix; None for a
+    programmer error. The lines are not yet redacted."""
+    import pydantic
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from worker.datasets import DataError
+
+    if isinstance(exc, PolicyError):
+        return EXIT_CONFIG, _bounded(None, [str(p) for p in exc.problems])
+    if isinstance(exc, ConfigurationError | ModelLoadError):
+        return EXIT_CONFIG, [one_line(str(exc))]
+    if isinstance(exc, DataError):  # the data checks of eval / finetune: "checks failed"
+        return EXIT_FAILED, _bounded(f"{len(exc.problems)} problem(s) in the data:", exc.problems)
+    if isinstance(exc, WorkerError):
+        return EXIT_FAILED, [one_line(str(exc))]
+    if isinstance(exc, typer.TyperException):  # click's usage errors, typer.BadParameter
+        message = one_line(exc.format_message())
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        return EXIT_CONFIG, [message + hint]
+    if isinstance(exc, pydantic.ValidationError):
+        return EXIT_CONFIG, [_validation_error(exc)]
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OperationalError):
+        return EXIT_CONFIG, [str(redis_unreachable(_broker_url(), exc))]
+    if isinstance(exc, redis.RedisError):
+        return EXIT_CONFIG, [f"Redis at {_broker_url()} answered an error: {one_line(str(exc))}"]
+    if isinstance(exc, tomllib.TOMLDecodeError):
+        return EXIT_CONFIG, [f"invalid TOML: {exc}"]
+    if isinstance(exc, UnicodeDecodeError):
+        return EXIT_CONFIG, [f"a file is not UTF-8 text: {exc.reason} at byte {exc.start}"]
+    if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+        return EXIT_CONFIG, [_os_error(exc)]
+    return None
+
+
+def _print_error(lines: list[str]) -> None:
+    """``error LINE`` per line; indented lines continue the one before, unprefixed."""
+    for line in lines:
+        prefix = "" if line[:1].isspace() else "[red]error[/red] "
+        stderr.print(prefix + escape(redact(line)), soft_wrap=True)
+
+
+def fail(message: str, code: int = EXIT_CONFIG) -> NoReturn:
+    """Print ``error MESSAGE`` (one line, redacted) and exit with ``code``."""
+    _print_error([one_line(message)])
+    raise typer.Exit(code)
+
+
+def _is_signal(exc: BaseException) -> bool:
+    """Exceptions that steer click itself (exit, abort, show help) pass through."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return isinstance(exc, typer.Exit | typer.Abort) or "NoArgsIsHelpError" in names
+
+
+def handle(exc: Exception, debug: bool) -> NoReturn:
+    """Print ``exc`` as the user should see it and exit; re-raise what is not ours."""
+    if _is_signal(exc) or isinstance(exc, BrokenPipeError):
+        raise exc
+    described = describe(exc)
+    if described is not None:
+        code, lines = described
+        _print_error(lines)
+        raise typer.Exit(code) from None
+    if debug:
+        raise exc
+    message = redact(one_line(str(exc)))
+    stderr.print(
+        f"[red]internal error[/red]: {escape(type(exc).__name__)}"
+        f"{': ' + escape(message) if message else ''} "
+        f"(run with --log-level debug or {TRACEBACK_ENV}=1 for the traceback)",
+        soft_wrap=True,
+    )
+    raise typer.Exit(EXIT_FAILED) from None
+
+
 @contextmanager
 def exits_on_errors() -> Iterator[None]:
-    """Turn the project's own errors into a message on stderr and a non-zero exit."""
+    """Turn errors the user can fix into a message on stderr and a non-zero exit (the same
+    as :class:`CliGroup` does for the whole app; kept for code run outside it)."""
     try:
         yield
-    except PolicyError as exc:
-        for problem in exc.problems:
-            stderr.print(f"[red]error[/red] {problem}", soft_wrap=True)
-        raise typer.Exit(EXIT_CONFIG) from None
-    except (ConfigurationError, ModelLoadError) as exc:
-        stderr.print(f"[red]error[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(EXIT_CONFIG) from None
-    except WorkerError as exc:
-        stderr.print(f"[red]error[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(EXIT_FAILED) from None
+    except Exception as exc:
+        if _is_signal(exc) or describe(exc) is None:
+            raise
+        handle(exc, debug=False)
+
+
+class CliGroup(TyperGroup):
+    """The root `worker` group: every error raised while parsing or running a command goes
+    through :func:`handle`, in the real CLI and under typer's CliRunner alike."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any
+    ) -> Any:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except Exception as exc:  # `worker --bogus`, `worker --log-level`
+            handle(exc, debug=False)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            found = ctx.find_object(State)
+            handle(exc, debug=found.debug if found is not None else debugging())
 
 
 #: ``--data`` of `worker eval` and `worker finetune`: the same labelled-data layouts.
@@ -75,6 +392,12 @@ DataOption = Annotated[
         "with image,label[,split] (labels ';'-separated; empty = none).",
     ),
 ]
+
+
+def require_exists(path: Path, option: str) -> None:
+    """Exit 2 naming ``option`` when ``path`` does not exist."""
+    if not path.exists():
+        fail(f"{option} {path} does not exist")
 
 
 def progress_bar(info: bool = False, transient: bool = True) -> Progress:

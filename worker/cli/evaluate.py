@@ -11,8 +11,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from worker.cli.common import EXIT_CONFIG, DataOption, exits_on_errors, progress_bar, state, stderr
-from worker.datasets import read_labelled, validate
+from worker.cli.common import (
+    DataOption,
+    exits_on_errors,
+    fail,
+    progress_bar,
+    require_exists,
+    state,
+    stderr,
+)
+from worker.datasets import SPLITS, read_labelled, validate
 from worker.embedder import embed_files
 from worker.embedding_cache import EmbeddingCache
 from worker.eval_report import category_table_rows, write_report
@@ -58,21 +66,27 @@ def eval_command(
     Writes metrics.json, report.md, pr_curves.png and histograms.png to --out. Image
     embeddings are cached per model, so re-running after a policy edit encodes no image.
     """
-    if target_precision is not None and target_recall is not None:
-        stderr.print("[red]error[/red] give --target-precision or --target-recall, not both")
-        raise typer.Exit(EXIT_CONFIG)
     settings = state(ctx).settings
+    if target_precision is not None and target_recall is not None:
+        fail("give --target-precision or --target-recall, not both")
+    require_exists(data, "--data")
+    if split is not None and split not in SPLITS:
+        fail(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
     started = time.perf_counter()
     with exits_on_errors():
         chosen = select_policies([policy], settings.policy_dir)
         if len(chosen) != 1:
             names = ", ".join(p.name for p in chosen)
-            stderr.print(f"[red]error[/red] {policy} holds several policies ({names}); name one")
-            raise typer.Exit(EXIT_CONFIG)
+            fail(f"{policy} holds several policies ({names}); name one with --policy")
         loaded = chosen[0]
+        if write_thresholds and loaded.policy.kind != "moderation":
+            kind = loaded.policy.kind
+            fail(f"--write-thresholds needs a moderation policy; {loaded.name!r} is {kind}")
         dataset = read_labelled(data)
         if split is not None:
             dataset.examples = dataset.split(split)
+            if not dataset.examples:
+                fail(f"{data} has no images in split {split!r} (leave out --split for all)")
         classes = class_ids(loaded.policy)
         validate(dataset, classes=classes, min_per_class=0, splits=())  # before the model loads
         model = load_configured_model(settings)
@@ -87,6 +101,8 @@ def eval_command(
                 cache,
                 max_pixels=settings.image.max_pixels,
                 allowed_formats=settings.image.allowed_formats,
+                max_side=settings.image.max_side,
+                max_aspect_ratio=settings.image.max_aspect_ratio,
                 batch_size=batch_size,
                 workers=settings.decode_workers,
                 on_progress=lambda n: progress.advance(task, n),

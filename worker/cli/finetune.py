@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from worker.cli.common import EXIT_CONFIG, DataOption, exits_on_errors, progress_bar, state, stderr
+from worker.cli.common import (
+    DataOption,
+    exits_on_errors,
+    fail,
+    progress_bar,
+    require_exists,
+    state,
+    stderr,
+)
 from worker.finetune import TrainConfig
 from worker.finetune_report import write
 from worker.finetune_run import DEFAULT_ALPHAS, STATE_DIR, FinetuneOptions, check_data, run_finetune
@@ -77,23 +85,19 @@ def finetune(
     """
     settings = state(ctx).settings
     if method not in {"flyp", "lp-ft"}:
-        stderr.print(f"[red]error[/red] --method must be flyp or lp-ft, not {method!r}")
-        raise typer.Exit(EXIT_CONFIG)
+        fail(f"--method must be flyp or lp-ft, not {method!r}")
     if templates not in TEMPLATE_SETS:
-        stderr.print(
-            f"[red]error[/red] unknown template set {templates!r} ({', '.join(TEMPLATE_SETS)})"
-        )
-        raise typer.Exit(EXIT_CONFIG)
+        fail(f"--templates: unknown template set {templates!r} ({', '.join(TEMPLATE_SETS)})")
+    require_exists(data, "--data")
+    if control is not None:
+        require_exists(control, "--control")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a directory")
     pending = (out / STATE_DIR / "state.pt").is_file()
     if resume and not pending:
-        stderr.print(f"[red]error[/red] nothing to resume: {out / STATE_DIR} has no saved state")
-        raise typer.Exit(EXIT_CONFIG)
+        fail(f"nothing to resume: {out / STATE_DIR} has no saved state (leave out --resume)")
     if pending and not resume:
-        stderr.print(
-            f"[red]error[/red] {out} holds an interrupted run: "
-            "add --resume, or choose another --out"
-        )
-        raise typer.Exit(EXIT_CONFIG)
+        fail(f"{out} holds an interrupted run: add --resume, or choose another --out")
     train = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,

@@ -5,17 +5,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from worker.cli.common import EXIT_FAILED, exits_on_errors, state, stderr
+from worker.cli.common import EXIT_FAILED, exits_on_errors, fail, require_redis, state, stderr
 
 
 def health(
@@ -31,17 +34,34 @@ def health(
     Prints the /readyz JSON and exits 0 when ready, 1 otherwise (for Docker HEALTHCHECK,
     Kubernetes exec probes and scripts).
     """
-    base = url or f"http://127.0.0.1:{state(ctx).settings.metrics.port}"
+    settings = state(ctx).settings
+    base = url or f"http://127.0.0.1:{settings.metrics.port}"
+    if urllib.parse.urlsplit(base).scheme not in {"http", "https"}:
+        fail(f"--url must be http://HOST:PORT or https://HOST:PORT, not {base!r}")
+    if url is None and not settings.metrics.port:
+        fail("the worker's endpoint is off (WORKER_METRICS__PORT=0): give --url or set the port")
     try:
         with urllib.request.urlopen(base.rstrip("/") + "/readyz", timeout=timeout) as response:
             body = response.read().decode()
     except urllib.error.HTTPError as exc:  # 503 carries the failing checks
         body = exc.read().decode()
-    except OSError as exc:
-        stderr.print(f"[red]unreachable[/red] {base}: {exc}")
+    except (OSError, ValueError) as exc:  # refused, timed out, a malformed host
+        reason = getattr(exc, "reason", None) or exc
+        stderr.print(
+            f"[red]unreachable[/red] {escape(base)}: {escape(str(reason))}", soft_wrap=True
+        )
+        raise typer.Exit(EXIT_FAILED) from None
+    try:
+        ready = bool(json.loads(body).get("ready"))
+    except (ValueError, AttributeError):
+        stderr.print(
+            f"[red]error[/red] {escape(base)}/readyz did not answer with a worker's JSON "
+            "(is --url the worker's metrics endpoint?)",
+            soft_wrap=True,
+        )
         raise typer.Exit(EXIT_FAILED) from None
     typer.echo(body.strip())
-    if not json.loads(body).get("ready"):
+    if not ready:
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -88,6 +108,15 @@ def bench(
     from worker.runtime import build_engine
 
     settings = state(ctx).settings
+    if queue and redis_url is not None:
+        require_redis(redis_url, "--redis-url")
+    elif queue and shutil.which("redis-server") is None:
+        fail("redis-server is not installed: install it, give --redis-url, or use --no-queue")
+    if untrained:
+        import open_clip
+
+        if open_clip.get_model_config(untrained) is None:
+            fail(f"--untrained: unknown architecture {untrained!r} (e.g. ViT-B-32, RN50)")
     name = (
         untrained_checkpoint(untrained, workdir / f"untrained-{untrained}")
         if untrained

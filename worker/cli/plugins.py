@@ -6,12 +6,16 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from worker.cli.common import EXIT_FAILED, state, stderr
+from worker.cli.common import EXIT_FAILED, require_broker, stderr
 from worker.plugins import available_sinks, available_sources, sink_class, source_class
 
 webhooks_app = typer.Typer(help="Webhook endpoints disabled by 410 Gone.", no_args_is_help=True)
+secrets_app = typer.Typer(
+    help="The key that seals job secrets kept in Redis.", no_args_is_help=True
+)
 
 
 def plugins() -> None:
@@ -45,11 +49,20 @@ def webhooks_enable(
     from adapters.webhook import endpoint_key
     from worker.store import Store
 
-    settings = state(ctx).settings
-    store = Store.from_url(settings.broker_url, settings.queue.result_ttl_s)
+    settings = require_broker(ctx)
+    store = Store.from_settings(settings)
     key = endpoint_key(url)
     if not store.endpoint_disabled(key):
-        stderr.print(f"{url} is not disabled")
+        stderr.print(f"{escape(url)} is not disabled")
         raise typer.Exit(EXIT_FAILED)
     store.enable_endpoint(key)
-    stderr.print(f"{url} enabled; `worker dlq requeue --all` retries its dead letters")
+    stderr.print(f"{escape(url)} enabled; `worker dlq requeue --all` retries its dead letters")
+
+
+@secrets_app.command("keygen")
+def secrets_keygen() -> None:
+    """Print a new WORKER_SECRET_KEY (a Fernet key). Give every worker and every
+    `worker dlq` caller the same one; see docs/operations.md, "Secrets"."""
+    from worker.sealing import generate_key
+
+    typer.echo(generate_key())

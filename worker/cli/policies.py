@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import TaskID
 from rich.table import Table
 
-from worker.cli.common import exits_on_errors, progress_bar, state, stderr
+from worker.cli.common import exits_on_errors, fail, progress_bar, state, stderr
 from worker.errors import PolicyError
 from worker.heads import CompiledModeration
 from worker.policy import load_policies
@@ -31,6 +31,9 @@ def check(ctx: typer.Context, paths: PathsArg = None) -> None:
     """Validate policy files. Prints `file:line: message` per problem and exits 1 on any."""
     settings = state(ctx).settings
     targets = paths or [settings.policy_dir]
+    missing = [p for p in targets if not p.exists()]
+    if missing:
+        fail(f"no such policy file or directory: {', '.join(str(p) for p in missing)}")
     try:
         loaded = load_policies(targets)
     except PolicyError as exc:
@@ -51,8 +54,12 @@ def compile(ctx: typer.Context, paths: PathsArg = None) -> None:
     Only prompts not already cached for this model are encoded; prints the time per policy.
     """
     settings = state(ctx).settings
+    targets = paths or [settings.policy_dir]
+    missing = [p for p in targets if not p.exists()]
+    if missing:
+        fail(f"no such policy file or directory: {', '.join(str(p) for p in missing)}")
     with exits_on_errors():
-        loaded = load_policies(paths or [settings.policy_dir])
+        loaded = load_policies(targets)
         model = load_configured_model(settings)
         progress = progress_bar()
         tasks: dict[str, TaskID] = {}

@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import sys
-from typing import Annotated
+import time
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from worker.cli.classify import expand_sources
-from worker.cli.common import EXIT_FAILED, exits_on_errors, state, stderr
+from worker.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    fail,
+    one_line,
+    parse_sink_specs,
+    require_broker,
+    require_redis,
+    state,
+    stderr,
+)
 from worker.documents import ImageRef, Job, SinkConfig
+from worker.redact import redact_text as redact
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 dlq_app = typer.Typer(help="Inspect and retry jobs in the dead-letter store.", no_args_is_help=True)
 
@@ -42,21 +60,26 @@ def serve(
 
     settings = state(ctx).settings
     if pool not in {"solo", "threads", "prefork"}:
-        stderr.print(f"[red]error[/red] --pool must be solo, threads or prefork, not {pool!r}")
-        raise typer.Exit(2)
+        fail(f"--pool must be solo, threads or prefork, not {pool!r}")
+    require_redis(settings.broker_url)  # Celery itself would retry connecting for ever
     app = create_app(settings)
-    with exits_on_errors():
-        default_sink_configs(settings)
-        select_policies([], settings.policy_dir)
-        if pool == "prefork":  # children load their own model; check it loads at all
-            from worker.runtime import load_configured_model
-
-            load_configured_model(settings)  # dropped at once: each child loads its own
+    default_sink_configs(settings)
+    select_policies([], settings.policy_dir)
+    if pool == "prefork":  # children load their own model; check it loads at all
+        _check_model_in_subprocess(settings)
     if pool != "prefork":
         try:
             _start(app)
-        except SystemExit:
-            raise typer.Exit(2) from None
+        except SystemExit:  # _start logged the reason (worker.start_failed)
+            raise typer.Exit(EXIT_CONFIG) from None
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            fail(
+                f"cannot listen on {settings.metrics.host}:{settings.metrics.port} for "
+                "/metrics and /readyz: the address is in use (set WORKER_METRICS__PORT to a "
+                "free port, or 0 to turn the endpoint off)"
+            )
     node = name or f"moderation-{os.getpid()}@%h"
     app.worker_main(
         [
@@ -72,10 +95,62 @@ def serve(
     )
 
 
-def _parse_sinks(specs: list[str]) -> list[SinkConfig]:
-    from worker.plugins import parse_sink_spec
+_CHECK_MODEL = """
+import json, pickle, sys
+from worker.errors import WorkerError
+from worker.log import configure_logging
+from worker.runtime import load_configured_model
+settings = pickle.load(sys.stdin.buffer)
+configure_logging(settings.log_level, settings.log_format)
+try:
+    load_configured_model(settings)
+except WorkerError as exc:
+    with open(sys.argv[1], "w", encoding="utf-8") as out:
+        json.dump({"type": type(exc).__name__, "message": str(exc)}, out)
+    sys.exit(2)
+"""
 
-    return [SinkConfig.model_validate(parse_sink_spec(s)) for s in specs]
+
+def _check_model_in_subprocess(settings: Settings) -> None:
+    """Load the model once in a fresh interpreter and drop it, so a bad model setting stops
+    ``serve --pool prefork`` before any child starts (each child loads its own copy).
+
+    Never in this process: building the model runs torch ops (open_clip's causal mask),
+    which start libgomp's OpenMP thread pool, and libgomp is not fork-safe: a prefork child
+    forked after that hangs for ever in its first parallel region (model load or encode),
+    holding its jobs unacknowledged and keeping a warm shutdown from ever finishing. No
+    torch op, CUDA call or service thread may run in the parent before the pool forks.
+    """
+    import pickle
+    import subprocess
+    import tempfile
+
+    from worker import errors
+
+    with tempfile.TemporaryDirectory(prefix="mw-model-check-") as tmp:
+        report = os.path.join(tmp, "error.json")
+        done = subprocess.run(
+            [sys.executable, "-c", _CHECK_MODEL, report],
+            input=pickle.dumps(settings),
+            check=False,
+        )
+        if done.returncode == 0:
+            return
+        found: dict[str, str] = {}
+        if os.path.exists(report):
+            with open(report, encoding="utf-8") as handle:
+                found = json.load(handle)
+    kind = getattr(errors, found.get("type", ""), None)
+    if not (isinstance(kind, type) and issubclass(kind, errors.WorkerError)):
+        kind = errors.ModelLoadError
+    raise kind(
+        found.get("message")
+        or f"the model check process failed (exit code {done.returncode}); see its output above"
+    )
+
+
+def _parse_sinks(specs: list[str]) -> list[SinkConfig]:
+    return [SinkConfig.model_validate(config) for config in parse_sink_specs(specs)]
 
 
 def submit(
@@ -99,7 +174,11 @@ def submit(
     wait_s: Annotated[
         float | None,
         typer.Option(
-            "--wait", help="Wait up to this many seconds and print the results.", show_default=False
+            "--wait",
+            min=0,
+            help="Wait up to this many seconds (for all jobs together) and print the results; "
+            "exit 1 if a job ended in error or did not finish in time.",
+            show_default=False,
         ),
     ] = None,
 ) -> None:
@@ -113,27 +192,41 @@ def submit(
     settings = state(ctx).settings
     uris = [u if "://" in u else os.path.abspath(u) for u in expand_sources(sources)]
     if job_id is not None and len(uris) != 1:
-        stderr.print("[red]error[/red] --job-id needs exactly one source")
-        raise typer.Exit(2)
-    with exits_on_errors():
-        sinks = _parse_sinks(sink or [])
-        client = Client(settings)
-        ids = []
-        for uri in uris:
-            job = Job(image=ImageRef(uri=uri), policies=policy or None, sinks=sinks)
-            if job_id is not None:
-                job = job.model_copy(update={"job_id": job_id})
-            ids.append(client.submit(job))
+        fail(f"--job-id needs exactly one source, not {len(uris)}")
+    sinks = _parse_sinks(sink or [])
+    named = {"job_id": job_id} if job_id is not None else {}
+    jobs = [
+        Job(image=ImageRef(uri=uri), policies=policy or None, sinks=sinks, **named) for uri in uris
+    ]
+    require_redis(settings.broker_url)  # before Celery, which would retry for ever
+    client = Client(settings)
+    ids = [client.submit(job) for job in jobs]
     if wait_s is None:
         for submitted in ids:
             typer.echo(submitted)
         return
+    deadline = time.monotonic() + wait_s
     failed = 0
     for submitted in ids:
         try:
-            typer.echo(client.wait(submitted, timeout=wait_s).to_json())
-        except TimeoutError as exc:
-            stderr.print(f"[red]timeout[/red] {exc}")
+            found = client.wait(submitted, timeout=max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            stderr.print(
+                f"[red]timeout[/red] no result for job {escape(submitted)} within {wait_s:g} s "
+                f"(is a worker running? `worker serve`; `worker result {escape(submitted)}` "
+                "reads it later)",
+                soft_wrap=True,
+            )
+            failed += 1
+            continue
+        typer.echo(found.to_json())
+        if found.status == "error":
+            code, why = (found.error.code, found.error.message) if found.error else ("?", "")
+            stderr.print(
+                f"[red]error[/red] job {escape(submitted)} ended in error {escape(code)}: "
+                f"{escape(redact(one_line(why)))}",
+                soft_wrap=True,
+            )
             failed += 1
     if failed:
         raise typer.Exit(EXIT_FAILED)
@@ -146,9 +239,9 @@ def result(
     """Print the stored result document of a job (kept for WORKER_QUEUE__RESULT_TTL_S)."""
     from worker.client import Client
 
-    found = Client(state(ctx).settings).result(job_id)
+    found = Client(require_broker(ctx)).result(job_id)
     if found is None:
-        stderr.print(f"no result for {job_id} (not finished, unknown, or expired)")
+        stderr.print(f"no result for {escape(job_id)} (not finished, unknown, or expired)")
         raise typer.Exit(EXIT_FAILED)
     typer.echo(found.to_json())
 
@@ -156,26 +249,35 @@ def result(
 def _store(ctx: typer.Context):  # type: ignore[no-untyped-def]
     from worker.store import Store
 
-    settings = state(ctx).settings
-    return Store.from_url(settings.broker_url, settings.queue.result_ttl_s)
+    return Store.from_settings(require_broker(ctx))
 
 
 @dlq_app.command("list")
 def dlq_list(
     ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON entry per line.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON entry per line, with history and raw body.")
+    ] = False,
 ) -> None:
-    """List dead-lettered jobs: id, stage, attempts, sink, error."""
+    """List dead-lettered jobs: id, stage (validate | score | deliver), attempts, how often
+    the job failed, sink, last error. Secrets are never shown (see docs/operations.md)."""
     entries = _store(ctx).dead_letters()
     if as_json:
         for entry in entries:
             typer.echo(entry.to_json())
         return
     table = Table(title=f"{len(entries)} dead-lettered job(s)", title_justify="left")
-    for column in ("job_id", "stage", "attempts", "sink", "error"):
+    for column in ("job_id", "stage", "attempts", "failed", "sink", "error"):
         table.add_column(column, overflow="fold")
     for e in entries:
-        table.add_row(e.job_id, e.stage, str(e.attempts), (e.sink or {}).get("type", ""), e.error)
+        table.add_row(
+            e.job_id,
+            e.stage,
+            str(e.attempts),
+            f"{e.count}x",
+            (e.sink or {}).get("type", ""),
+            e.error[:300],
+        )
     from rich.console import Console
 
     Console(width=max(120, Console().width)).print(table)
@@ -188,35 +290,47 @@ def dlq_requeue(
     all_: Annotated[bool, typer.Option("--all", help="Requeue every entry.")] = False,
 ) -> None:
     """Retry dead-lettered jobs: failed deliveries are delivered again from the stored
-    result; other jobs are submitted again. Attempt counters start over."""
-    from worker.requeue import requeue
+    result; other jobs are submitted again. Attempt counters start over.
+
+    Each entry is checked first: one that cannot be retried (a message that was never a
+    job, an invalid job, secrets redacted without WORKER_SECRET_KEY) stays in the store and
+    the reason is printed; the command then exits 1."""
+    from worker.requeue import RequeueRefusedError, requeue
 
     if not job_ids and not all_:
-        stderr.print("[red]error[/red] give job ids or --all")
-        raise typer.Exit(2)
+        fail("give job ids or --all")
     store = _store(ctx)
     targets = [e.job_id for e in store.dead_letters()] if all_ else list(job_ids or [])
     from worker.client import Client
 
     client = Client(state(ctx).settings)
-    missing = 0
+    failed = 0
     for job_id in targets:
-        how = requeue(store, client, job_id)
+        try:
+            how = requeue(store, client, job_id)
+        except RequeueRefusedError as exc:
+            stderr.print(f"{escape(job_id)}: kept, {escape(redact(str(exc)))}", soft_wrap=True)
+            failed += 1
+            continue
         if how is None:
-            stderr.print(f"{job_id}: not in the dead-letter store")
-            missing += 1
+            stderr.print(f"{escape(job_id)}: not in the dead-letter store")
+            failed += 1
         else:
-            stderr.print(f"{job_id}: {how}")
-    if missing:
+            stderr.print(f"{escape(job_id)}: {escape(how)}")
+    if failed:
         raise typer.Exit(EXIT_FAILED)
 
 
 @dlq_app.command("purge")
 def dlq_purge(
     ctx: typer.Context,
+    job_ids: Annotated[
+        list[str] | None, typer.Argument(show_default=False, help="Only these entries.")
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
-    """Delete every dead-letter entry."""
+    """Delete dead-letter entries: the ones named, or every entry."""
     if not yes and sys.stdin.isatty():
-        typer.confirm("Delete every dead-lettered job?", abort=True)
-    stderr.print(f"purged {_store(ctx).purge_dead_letters()} entries")
+        what = f"{len(job_ids)} entries" if job_ids else "every dead-lettered job"
+        typer.confirm(f"Delete {what}?", abort=True)
+    stderr.print(f"purged {_store(ctx).purge_dead_letters(list(job_ids or []))} entries")
