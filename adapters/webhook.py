@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import time
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -30,7 +29,7 @@ from adapters.safehttp import limits_from, request
 from worker.documents import Result
 from worker.errors import PermanentSinkError, PluginError, RetryableSinkError, SourceError
 from worker.log import get_logger
-from worker.plugins import PluginContext, Sink
+from worker.plugins import PluginContext, PluginState, Sink
 from worker.redact import redact_uri
 
 log = get_logger(__name__)
@@ -69,8 +68,8 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None
 
 
-def endpoint_key(url: str) -> str:
-    return "webhook:" + hashlib.sha256(url.encode()).hexdigest()[:24]
+def _disabled_key(url: str) -> str:
+    return "disabled:webhook:" + hashlib.sha256(url.encode()).hexdigest()[:24]
 
 
 class WebhookOptions(BaseModel):
@@ -98,22 +97,31 @@ class WebhookSink(Sink):
         self.key = decode_secret(secret.get_secret_value())
         timeout = options.timeout_s or settings.webhook.timeout_s
         self.limits = limits_from(settings, RESPONSE_CAP, total_timeout_s=timeout)
-        self.store: Any = context.extras.get("store")
-        self._disabled_here: set[str] = set()  # without Redis (worker classify)
+        self.state = context.state
+        self._disabled_here: set[str] = set()  # without shared state (worker classify)
+
+    @classmethod
+    def reenable(cls, state: PluginState, url: str) -> bool:
+        """Turn an endpoint disabled by 410 Gone back on; False if it was not disabled."""
+        key = _disabled_key(url)
+        if state.get(key) is None:
+            return False
+        state.delete(key)
+        return True
 
     def _disabled(self, key: str) -> str | None:
-        if self.store is not None:
-            return self.store.endpoint_disabled(key)  # type: ignore[no-any-return]
+        if self.state is not None:
+            return self.state.get(key)
         return "410 Gone earlier in this run" if key in self._disabled_here else None
 
     def _disable(self, key: str, reason: str) -> None:
-        if self.store is not None:
-            self.store.disable_endpoint(key, reason)
+        if self.state is not None:
+            self.state.set(key, reason)
         self._disabled_here.add(key)
 
     def deliver(self, result: Result) -> None:
         url = self.options.url
-        key = endpoint_key(url)
+        key = _disabled_key(url)
         why = self._disabled(key)
         if why:
             raise PermanentSinkError(

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from worker.bench import untrained_checkpoint
 from worker.model import load_model
+from worker.ops.bench import untrained_checkpoint
 from worker.policy import load_policy_file
-from worker.policyset import compile_policies, open_prompt_cache
+from worker.policy.policyset import compile_policies, open_prompt_cache
 
 POLICY = Path(__file__).resolve().parents[1] / "policies" / "moderation.yaml"
 EXTRA = {"id": "extra_category", "prompts": ["a counterfeit banknote", "a fake passport"]}

@@ -15,16 +15,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from worker.celery_app import SCORE_TASK, create_app
 from worker.documents import Job, Result
-from worker.errors import WorkerError
+from worker.errors import JobTimeoutError
 from worker.plugins import validate_sink_config
+from worker.queue.app import create_app, send_job
+from worker.queue.jobs import JobStore
 from worker.settings import Settings, load_settings
-from worker.store import Store
-
-
-class JobTimeoutError(WorkerError, TimeoutError):
-    """No result arrived within the time given to :func:`wait`."""
 
 
 class Client:
@@ -33,7 +29,7 @@ class Client:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        self.store = Store.from_settings(settings)
+        self.jobs = JobStore.from_settings(settings)
 
     def submit(self, job: Job | dict[str, Any]) -> str:
         """Validate ``job`` and enqueue it; returns its ``job_id``.
@@ -44,16 +40,12 @@ class Client:
         parsed = job if isinstance(job, Job) else Job.model_validate(job)
         for sink in parsed.sinks:
             validate_sink_config({"type": sink.type, **sink.options()})
-        self.app.send_task(
-            SCORE_TASK,
-            args=[parsed.model_dump(mode="json")],
-            queue=self.settings.queue.name,
-        )
+        send_job(self.app, parsed.model_dump(mode="json"))
         return parsed.job_id
 
     def result(self, job_id: str) -> Result | None:
         """The stored result of ``job_id``, or None if it has not finished (or expired)."""
-        raw = self.store.get_result(job_id)
+        raw = self.jobs.get_result(job_id)
         return Result.model_validate_json(raw) if raw is not None else None
 
     def wait(self, job_id: str, timeout: float = 60.0, poll_s: float = 0.05) -> Result:
@@ -70,7 +62,7 @@ class Client:
             delay = min(delay * 1.5, 0.5)
 
     def queue_depth(self) -> int:
-        return int(self.store.redis.llen(self.settings.queue.name))
+        return int(self.jobs.redis.llen(self.settings.queue.name))
 
 
 _default: Client | None = None

@@ -28,12 +28,10 @@ from worker.documents import (
     ModelInfo,
     ModerationResult,
     Result,
-    TagScore,
     TagsResult,
 )
 from worker.errors import JobError
 from worker.fetcher import ImageFetcher
-from worker.heads import CompiledModeration
 from worker.images import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_SIDE,
@@ -42,12 +40,10 @@ from worker.images import (
 )
 from worker.log import get_logger
 from worker.model import LoadedModel
-from worker.policyset import PolicySet
+from worker.policy.policyset import PolicySet
 from worker.redact import redact_text, redact_uri
-from worker.scoring import moderation_decisions, moderation_scores, tag_probabilities, top_tags
 
 log = get_logger(__name__)
-SCORE_DIGITS = 6
 
 
 @dataclass(frozen=True)
@@ -191,13 +187,8 @@ class Engine:
     ) -> dict[str, list[list[float]]]:
         """Scores of every loaded policy for every embedding (one matmul per policy)."""
         out: dict[str, list[list[float]]] = {}
-        scale = self.model.logit_scale
         for name, compiled in policies.compiled.items():
-            if isinstance(compiled, CompiledModeration):
-                scores = moderation_scores(embeddings, compiled, scale)
-            else:
-                scores = tag_probabilities(embeddings, compiled, scale)
-            out[name] = scores.cpu().tolist()
+            out[name] = compiled.scores(embeddings, self.model.logit_scale).cpu().tolist()
         return out
 
     def _ok_result(
@@ -218,26 +209,10 @@ class Engine:
         flags: list[Flag] = []
         labels: list[tuple[str, float]] = []
         for name in names:
-            compiled = policies.compiled[name]
-            values = per_policy[name][row]
-            if isinstance(compiled, CompiledModeration):
-                scores, decisions = moderation_decisions(values, compiled)
-                found = [
-                    Flag(**{**d.__dict__, "score": round(d.score, SCORE_DIGITS)}) for d in decisions
-                ]
-                results[name] = ModerationResult(
-                    version=compiled.version,
-                    scores={k: round(v, SCORE_DIGITS) for k, v in scores.items()},
-                    flags=found,
-                )
-                flags.extend(found)
-            else:
-                tags = top_tags(values, compiled)
-                results[name] = TagsResult(
-                    version=compiled.version,
-                    tags=[TagScore(tag=t, score=round(s, SCORE_DIGITS)) for t, s in tags],
-                )
-                labels.extend(tags)
+            section = policies.compiled[name].section(per_policy[name][row])
+            results[name] = section.body
+            flags.extend(section.flags)
+            labels.extend(section.labels)
         best_first = sorted(labels, key=lambda pair: pair[1], reverse=True)
         return self._result(
             prep,

@@ -7,6 +7,10 @@ Every error the project raises on purpose derives from :class:`WorkerError`::
     │   └── PluginError           unknown plugin name or bad plugin options (start-up)
     ├── ModelLoadError            the model cannot be loaded (never replaced by random weights)
     ├── PolicyError               one or more ``file:line: message`` problems in policy YAML
+    ├── DataError                 labelled data for eval/finetune has problems (all listed)
+    ├── MessageRefusedError       a queue message that is not a job (dead-lettered)
+    ├── RequeueRefusedError       a dead letter that cannot be retried as it is (kept)
+    ├── JobTimeoutError           no result within the time given to ``wait``
     ├── JobError                  a per-job failure with a stable ``code``
     │   ├── SourceError           fetching the image failed (``source_*`` codes)
     │   └── ImageError            decoding the image failed (``image_*``, ``format_*`` codes)
@@ -44,6 +48,10 @@ ERROR_CODES: dict[str, str] = {
     "WORKER_SINK_ROOTS); nothing was scored or delivered.",
     "internal_error": "An unexpected failure while scoring this job; the message has details.",
 }
+
+
+#: Codes of failures that may pass: the job is submitted again after a backoff.
+RETRYABLE_CODES = frozenset({"source_unavailable", "source_timeout"})
 
 
 class WorkerError(Exception):
@@ -101,13 +109,33 @@ class JobError(WorkerError):
 
 
 class SourceError(JobError):
-    """Fetching an image failed. ``retryable`` is true for ``source_unavailable``."""
+    """Fetching an image failed. ``retryable`` is true for :data:`RETRYABLE_CODES`."""
 
     code = "source_unavailable"
 
     @property
     def retryable(self) -> bool:  # type: ignore[override]
-        return self.code in {"source_unavailable", "source_timeout"}
+        return self.code in RETRYABLE_CODES
+
+
+class DataError(WorkerError):
+    """The labelled data has problems; ``problems`` lists every one, naming file or label."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) in the data:\n  " + "\n  ".join(problems))
+
+
+class MessageRefusedError(WorkerError):
+    """A queue message that is not a job this worker can take; the text says why."""
+
+
+class RequeueRefusedError(WorkerError):
+    """A dead-letter entry that cannot be retried as it is; the entry is kept."""
+
+
+class JobTimeoutError(WorkerError, TimeoutError):
+    """No result arrived within the time given to ``wait``."""
 
 
 class ImageError(JobError):

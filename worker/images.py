@@ -35,6 +35,9 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from worker.errors import ImageError
 
+#: File suffixes taken as images when a directory is listed (classify, labelled data).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
 # A truncated file is an error, never a silently half-grey picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 

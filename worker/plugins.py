@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -42,6 +42,15 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PluginState(Protocol):
+    """Small key -> text state a plugin keeps across the workers of a deployment (a queue
+    worker gives one in Redis; ``worker classify`` gives none)."""
+
+    def get(self, key: str) -> str | None: ...
+    def set(self, key: str, value: str) -> None: ...
+    def delete(self, key: str) -> None: ...
+
+
 @dataclass
 class PluginContext:
     """Values from settings that plugins may need, passed down (plugins never read env)."""
@@ -49,7 +58,8 @@ class PluginContext:
     settings: Any  # worker.settings.Settings; typed loosely to keep plugins importable alone
     #: True in a queue worker: local paths are then limited to ``settings.file_roots``.
     service: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
+    #: Shared state across workers, when there is any (None under ``worker classify``).
+    state: PluginState | None = None
 
 
 class Sink(ABC):

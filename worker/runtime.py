@@ -10,8 +10,8 @@ from worker.log import get_logger
 from worker.model import LoadedModel, load_model
 from worker.plugins import PluginContext, make_sources
 from worker.policy import LoadedPolicy, select_policies
-from worker.policyset import PolicySet, compile_policies, open_prompt_cache
-from worker.settings import Settings
+from worker.policy.policyset import PolicySet, compile_policies, open_prompt_cache
+from worker.settings import DEFAULT_BATCH_SIZE, Settings
 
 log = get_logger(__name__)
 
@@ -43,7 +43,7 @@ def resolve_batch_size(settings: Settings, model: LoadedModel) -> int:
     if settings.batch.max_size:
         return settings.batch.max_size
     if model.device.type != "cuda":
-        return 32
+        return DEFAULT_BATCH_SIZE
     import torch
 
     probe = torch.zeros(8, 3, *model.image_size)

@@ -23,6 +23,8 @@ from worker.errors import ConfigurationError
 
 ENV_PREFIX = "WORKER_"
 CONFIG_FILE_ENV = "WORKER_CONFIG_FILE"
+#: Images per encoder batch unless settings say otherwise (or a GPU was measured).
+DEFAULT_BATCH_SIZE = 32
 #: The policies shipped with the project (``policies/`` beside the ``worker`` package).
 SHIPPED_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
 
@@ -63,14 +65,20 @@ class BatchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_size: int = Field(
-        32,
+        DEFAULT_BATCH_SIZE,
         ge=0,
         le=4096,
-        description="Most images encoded together; 0 = choose from free GPU memory (32 on CPU).",
+        description="Most images encoded together; 0 = choose from free GPU memory "
+        f"({DEFAULT_BATCH_SIZE} on CPU).",
     )
     max_wait_ms: int = Field(
         50, ge=0, le=60_000, description="Longest wait for a batch to fill (queue only)."
     )
+
+    @property
+    def batch_size(self) -> int:
+        """The size to batch with before a GPU is measured (``max_size`` 0 = measure)."""
+        return self.max_size or DEFAULT_BATCH_SIZE
 
 
 class QueueSettings(BaseModel):

@@ -22,6 +22,7 @@ from tests.helpers import write_images
 from tests.integration.conftest import WorkerProcess, cli, wait_until
 from tests.integration.hostile import HOSTILE, send_hostile
 from worker.client import Client
+from worker.queue.dead_letters import DeadLetters
 from worker.settings import load_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -81,15 +82,15 @@ def test_every_hostile_message_is_answered_and_the_worker_stays_up(
 
     wait_until(lambda: len(_result_files(out)) == len(good), 120, "every good job scored")
     expected_dead = len(HOSTILE) - len(ANSWERED_BY_RESULT)
-    store = client.store
-    wait_until(lambda: store.dead_letter_count() == expected_dead, 60, "every dead letter")
+    store = DeadLetters(client.jobs.redis)
+    wait_until(lambda: store.count() == expected_dead, 60, "every dead letter")
     wait_until(lambda: _queue_is_drained(url), 30, "an empty queue and no unacked message")
 
     assert worker.proc.poll() is None, "the worker is still up"
     results = _result_files(out)
     assert set(results) == set(good)
     assert all(r["status"] == "ok" for r in results.values())
-    entries = store.dead_letters()
+    entries = store.entries()
     assert {e.stage for e in entries} == {"validate"}
     assert all(e.error and len(e.error) <= 2000 for e in entries)
     assert all((e.raw is None or len(e.raw) <= 16 * 1024) for e in entries)
@@ -168,7 +169,8 @@ def test_soak_1000_good_jobs_100_malformed_two_workers_one_killed(
 
     wait_until(lambda: len(list(out.glob("*.json"))) == 1000, 300, "1000 results")
     expected_dead = sum(n for k, n in bad.items() if k not in ANSWERED_BY_RESULT)
-    wait_until(lambda: client.store.dead_letter_count() == expected_dead, 60, "dead letters")
+    letters = DeadLetters(client.jobs.redis)
+    wait_until(lambda: letters.count() == expected_dead, 60, "dead letters")
     wait_until(lambda: _queue_is_drained(url), 60, "an empty queue")
     elapsed = time.monotonic() - started
 

@@ -27,10 +27,10 @@ from worker.documents import ImageRef
 from worker.engine import Engine, WorkItem
 from worker.model import LoadedModel
 from worker.policy import MAX_POLICY_BYTES, LoadedPolicy
-from worker.policyset import PolicySet
-from worker.reload import MAX_REJECTED, MAX_REJECTED_CHARS, PolicyWatcher, directory_signature
+from worker.policy.policyset import PolicySet
+from worker.queue.reload import MAX_REJECTED, MAX_REJECTED_CHARS, PolicyWatcher, directory_signature
+from worker.queue.service import Service
 from worker.runtime import build_engine, compile_configured
-from worker.service import Service
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
@@ -111,7 +111,7 @@ def engine(settings: Settings, tiny_model: LoadedModel) -> Iterator[Engine]:
 def make_watcher(
     engine: Engine, settings: Settings, compile_fn: Callable[..., PolicySet] | None = None
 ) -> PolicyWatcher:
-    """The watcher `worker serve` builds (worker/service.py), not started."""
+    """The watcher `worker serve` builds (worker/queue/service.py), not started."""
 
     def recompile(loaded: list[LoadedPolicy]) -> PolicySet:
         return compile_configured(settings, engine.model, loaded)
@@ -282,7 +282,7 @@ def test_loader_failures_other_than_policy_errors_are_caught(
     def exploding(paths: list[Path]) -> list[LoadedPolicy]:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr("worker.reload.load_policies", exploding)
+    monkeypatch.setattr("worker.queue.reload.load_policies", exploding)
     good = engine.policies.versions()
     write_policy(settings.policy_dir, EDITED)
     assert watcher.check() is False

@@ -11,10 +11,10 @@ from standardwebhooks import Webhook
 from adapters.s3 import MAX_TAGS, merge_tags, result_tags
 from adapters.safehttp import blocked_reason, parse_networks
 from adapters.webhook import decode_secret, retry_after_seconds, sign
-from worker.delivery import backoff_delay
 from worker.documents import Flag, ImageInfo, ModelInfo, Result
 from worker.errors import PluginError
 from worker.plugins import parse_sink_spec
+from worker.queue.delivery import backoff_delay
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

@@ -16,7 +16,7 @@ from tests.helpers import write_images, write_policy
 from worker.cli import app
 from worker.cli.common import TRACEBACK_ENV, redact
 from worker.policy import load_policies
-from worker.thresholds import float_text, update_thresholds
+from worker.tuning.thresholds import float_text, update_thresholds
 
 pytestmark = pytest.mark.fault
 

@@ -67,16 +67,12 @@ def test_each_image_is_encoded_once_for_all_policies(engine: Engine, tmp_path: P
 
 
 def test_scores_match_a_direct_computation(engine: Engine, tmp_path: Path) -> None:
-    from worker.heads import CompiledModeration
-    from worker.scoring import moderation_scores
-
     path = write_images(tmp_path / "imgs", 1)[0]
     result = engine.process(items_for([path]))[0]
     model = engine.model
     pixels = model.preprocess(shape_image("circle", "red", seed=0)).unsqueeze(0)
     compiled = engine.policies.compiled["shapes"]
-    assert isinstance(compiled, CompiledModeration)
-    direct = moderation_scores(model.encode_images(pixels), compiled, model.logit_scale)[0]
+    direct = compiled.scores(model.encode_images(pixels), model.logit_scale)[0]
     got = torch.tensor(list(result.policies["shapes"].scores.values()))  # type: ignore[union-attr]
     torch.testing.assert_close(got, direct, atol=2e-6, rtol=0)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.synthetic import write_shape_set
-from worker.datasets import DataError
-from worker.finetune_run import FinetuneOptions, check_data
+from worker.errors import DataError
 from worker.policy import LoadedPolicy, load_policy_file
+from worker.tuning.finetune import FinetuneOptions, check_data
 
 pytestmark = pytest.mark.slow
 EPOCHS = ["--epochs", "20", "--lr", "3e-3", "--batch-size", "32", "--patience", "8"]

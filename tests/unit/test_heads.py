@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from worker.embedding_cache import CachedEmbedder, EmbeddingCache
-from worker.heads import CompiledModeration, CompiledTags, compile_policy
 from worker.model import LoadedModel
-from worker.policy import ModerationPolicy, TagsPolicy
-from worker.policyset import compile_policies, open_prompt_cache
-from worker.templates import TEMPLATE_SETS
+from worker.policy import CompiledModeration, CompiledTags, ModerationPolicy, TagsPolicy
+from worker.policy.heads import compile_policy
+from worker.policy.policyset import compile_policies, open_prompt_cache
+from worker.policy.templates import TEMPLATE_SETS
 
 
 def uncached(model: LoadedModel) -> CachedEmbedder:

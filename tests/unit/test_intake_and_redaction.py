@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from worker.delivery import sink_label
 from worker.documents import Job
-from worker.intake import MAX_DEPTH, MessageRefusedError, envelope_problem, job_of_message
+from worker.errors import MessageRefusedError
+from worker.queue.delivery import sink_label
+from worker.queue.intake import MAX_DEPTH, envelope_problem, job_of_message
 from worker.redact import REDACTED, redact_config, redact_job, redact_text, redact_uri
 from worker.sealing import Sealer, generate_key
 

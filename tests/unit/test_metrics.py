@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from worker import metrics
+from worker.tuning import metrics
 
 RNG = np.random.default_rng(7)
 CASES = {

@@ -18,7 +18,7 @@ from worker.policy import (
     load_policy_file,
     select_policies,
 )
-from worker.templates import TEMPLATE_SETS
+from worker.policy.templates import TEMPLATE_SETS
 
 GOOD = """\
 name: mod

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from worker import policy
 from worker.errors import PolicyError, PolicyProblem
-from worker.policy import (
-    MAX_CLASSES,
+from worker.policy import loading as policy
+from worker.policy.loading import (
     MAX_DOCUMENTS,
     MAX_MESSAGE_CHARS,
     MAX_NESTING_DEPTH,
@@ -36,6 +35,7 @@ from worker.policy import (
     load_policy_file,
     policy_files,
 )
+from worker.policy.schema import MAX_CLASSES
 
 pytestmark = pytest.mark.fault
 

@@ -9,10 +9,9 @@ from hypothesis import strategies as st
 
 from tests.helpers import COLOURS, SHAPES, shape_image
 from worker.embedding_cache import CachedEmbedder, EmbeddingCache
-from worker.heads import CompiledModeration, CompiledTags, compile_policy
 from worker.model import LoadedModel
-from worker.policy import ModerationPolicy, TagsPolicy
-from worker.scoring import moderation_decisions, moderation_scores, tag_probabilities, top_tags
+from worker.policy import CompiledModeration, CompiledTags, ModerationPolicy, TagsPolicy
+from worker.policy.heads import compile_policy
 
 PROMPTS = [
     "a gun",
@@ -60,7 +59,7 @@ def _scores(
 ) -> dict[str, torch.Tensor]:
     compiled = compile_policy(policy, embedder, "fp")
     assert isinstance(compiled, CompiledModeration)
-    scores = moderation_scores(emb, compiled, scale)
+    scores = compiled.scores(emb, scale)
     return {c.id: scores[:, i] for i, c in enumerate(policy.categories)}
 
 
@@ -107,7 +106,7 @@ def test_moderation_score_is_softmax_over_category_and_background() -> None:
     heads = torch.nn.functional.normalize(torch.randn(3 + 4, 16), dim=1)
     policy = _policy([("a", ["x"], 0.5), ("b", ["y"], 0.5), ("c", ["z"], 0.5)])
     compiled = CompiledModeration(policy, "v", heads)
-    got = moderation_scores(emb, compiled, 50.0)
+    got = compiled.scores(emb, 50.0)
     for c in range(3):
         logits = 50.0 * emb @ torch.cat([heads[c : c + 1], heads[3:]]).T
         torch.testing.assert_close(got[:, c], logits.softmax(dim=1)[:, 0])
@@ -130,8 +129,9 @@ def test_flags_use_threshold_action_and_severity() -> None:
         ],  # type: ignore[list-item]
     )
     compiled = CompiledModeration(policy, "v", torch.zeros(4, 2))
-    scores, flags = moderation_decisions([0.6, 0.89, 0.95], compiled)
-    assert scores == {"weapons": 0.6, "drugs": 0.89, "alcohol": 0.95}
+    section = compiled.section([0.6, 0.89, 0.95])
+    flags = section.flags
+    assert section.body.scores == {"weapons": 0.6, "drugs": 0.89, "alcohol": 0.95}  # type: ignore[union-attr]
     assert [(f.category, f.action, f.severity, f.threshold) for f in flags] == [
         ("alcohol", "review", "medium", 0.3),
         ("weapons", "block", "high", 0.6),  # score == threshold flags
@@ -141,11 +141,11 @@ def test_flags_use_threshold_action_and_severity() -> None:
 def test_tags_softmax_then_top_k_and_min_score() -> None:
     policy = TagsPolicy(name="t", top_k=2, min_score=0.2, tags=["a", "b", "c", "d"])  # type: ignore[list-item]
     compiled = CompiledTags(policy, "v", torch.eye(4))
-    probs = tag_probabilities(torch.eye(4)[:1], compiled, 2.0)
+    probs = compiled.scores(torch.eye(4)[:1], 2.0)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(1))
-    assert top_tags([0.1, 0.5, 0.15, 0.25], compiled) == [("b", 0.5), ("d", 0.25)]
-    assert top_tags([0.1, 0.5, 0.19, 0.21], compiled) == [("b", 0.5), ("d", 0.21)]
-    assert top_tags([0.3, 0.3, 0.2, 0.19], compiled)[:1] == [("a", 0.3)]
-    assert top_tags([0.19, 0.01, 0.4, 0.4], compiled) == [("c", 0.4), ("d", 0.4)]
-    assert top_tags([0.25, 0.25, 0.25, 0.25], compiled) == [("a", 0.25), ("b", 0.25)]
-    assert top_tags([0.1, 0.1, 0.1, 0.7], compiled) == [("d", 0.7)]
+    assert compiled.top([0.1, 0.5, 0.15, 0.25]) == [("b", 0.5), ("d", 0.25)]
+    assert compiled.top([0.1, 0.5, 0.19, 0.21]) == [("b", 0.5), ("d", 0.21)]
+    assert compiled.top([0.3, 0.3, 0.2, 0.19])[:1] == [("a", 0.3)]
+    assert compiled.top([0.19, 0.01, 0.4, 0.4]) == [("c", 0.4), ("d", 0.4)]
+    assert compiled.top([0.25, 0.25, 0.25, 0.25]) == [("a", 0.25), ("b", 0.25)]
+    assert compiled.top([0.1, 0.1, 0.1, 0.7]) == [("d", 0.7)]

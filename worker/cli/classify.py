@@ -14,15 +14,15 @@ import typer
 from rich.table import Table
 
 from worker.cli.common import EXIT_FAILED, fail, parse_sink_specs, progress_bar, state, stderr
-from worker.delivery import SinkCache, deliver_inline
 from worker.documents import ImageRef, Result
 from worker.engine import WorkItem
 from worker.errors import ConfigurationError
 from worker.fetcher import uri_scheme
+from worker.images import IMAGE_SUFFIXES
 from worker.plugins import PluginContext
+from worker.queue.delivery import SinkCache, deliver_inline
 from worker.runtime import build_engine, resolve_batch_size
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 GLOB_CHARS = set("*?[")
 
 

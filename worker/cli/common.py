@@ -280,7 +280,7 @@ def describe(exc: BaseException) -> tuple[int, list[str]] | None:
     import redis
     from kombu.exceptions import OperationalError
 
-    from worker.datasets import DataError
+    from worker.errors import DataError
 
     if isinstance(exc, PolicyError):
         return EXIT_CONFIG, _bounded(None, [str(p) for p in exc.problems])

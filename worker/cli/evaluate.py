@@ -20,16 +20,15 @@ from worker.cli.common import (
     state,
     stderr,
 )
-from worker.datasets import SPLITS, read_labelled, validate
-from worker.embedder import embed_files
 from worker.embedding_cache import EmbeddingCache
-from worker.eval_report import category_table_rows, write_report
-from worker.evaluation import EvalReport, evaluate, policy_scores, summarise
-from worker.heads import CompiledModeration
-from worker.policy import class_ids, select_policies
-from worker.policyset import CACHE_FILE
+from worker.policy import select_policies
+from worker.policy.policyset import CACHE_FILE
 from worker.runtime import compile_configured, load_configured_model
-from worker.thresholds import update_thresholds, write_atomically
+from worker.tuning.datasets import SPLITS, read_labelled, validate
+from worker.tuning.embedder import embed_files
+from worker.tuning.eval_report import category_table_rows, write_report
+from worker.tuning.evaluation import EvalReport, evaluate, policy_scores, summarise
+from worker.tuning.thresholds import update_thresholds, write_atomically
 
 
 def eval_command(
@@ -79,15 +78,15 @@ def eval_command(
             names = ", ".join(p.name for p in chosen)
             fail(f"{policy} holds several policies ({names}); name one with --policy")
         loaded = chosen[0]
-        if write_thresholds and loaded.policy.kind != "moderation":
-            kind = loaded.policy.kind
-            fail(f"--write-thresholds needs a moderation policy; {loaded.name!r} is {kind}")
+        if write_thresholds and not loaded.policy.HAS_THRESHOLDS:
+            kind = loaded.policy.KIND
+            fail(f"--write-thresholds needs a policy with thresholds; {loaded.name!r} is {kind}")
         dataset = read_labelled(data)
         if split is not None:
             dataset.examples = dataset.split(split)
             if not dataset.examples:
                 fail(f"{data} has no images in split {split!r} (leave out --split for all)")
-        classes = class_ids(loaded.policy)
+        classes = loaded.policy.class_ids()
         validate(dataset, classes=classes, min_per_class=0, splits=())  # before the model loads
         model = load_configured_model(settings)
         compiled = compile_configured(settings, model, [loaded]).compiled[loaded.name]
@@ -126,7 +125,7 @@ def eval_command(
     seconds = time.perf_counter() - started
     report = EvalReport(
         policy=loaded.name,
-        kind="moderation" if isinstance(compiled, CompiledModeration) else "tags",
+        kind=compiled.kind,
         version=compiled.version,
         model=model.describe(),
         images=len(dataset.examples),

@@ -16,12 +16,19 @@ from worker.cli.common import (
     state,
     stderr,
 )
-from worker.finetune import TrainConfig
-from worker.finetune_report import write
-from worker.finetune_run import DEFAULT_ALPHAS, STATE_DIR, FinetuneOptions, check_data, run_finetune
 from worker.policy import select_policies
+from worker.policy.templates import TEMPLATE_SETS
 from worker.runtime import load_configured_model
-from worker.templates import TEMPLATE_SETS
+from worker.settings import DEFAULT_BATCH_SIZE
+from worker.tuning.finetune import (
+    DEFAULT_ALPHAS,
+    STATE_DIR,
+    FinetuneOptions,
+    check_data,
+    run_finetune,
+)
+from worker.tuning.finetune_report import write
+from worker.tuning.trainer import TrainConfig
 
 
 def finetune(
@@ -51,7 +58,7 @@ def finetune(
     ] = 3,
     lp_lr: Annotated[float, typer.Option(min=0, help="lp-ft: learning rate of the head.")] = 1e-3,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(min=1)] = DEFAULT_BATCH_SIZE,
     lr: Annotated[float, typer.Option(min=0, help="Peak learning rate (AdamW).")] = 1e-5,
     weight_decay: Annotated[float, typer.Option(min=0)] = 0.1,
     warmup: Annotated[float, typer.Option(min=0, max=1, help="Share of steps warming up.")] = 0.1,

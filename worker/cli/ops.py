@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from worker.cli.common import EXIT_FAILED, exits_on_errors, fail, require_redis, state, stderr
+from worker.settings import DEFAULT_BATCH_SIZE
 
 
 def health(
@@ -78,7 +79,7 @@ def bench(
         ),
     ] = None,
     images: Annotated[int, typer.Option(min=8, help="Synthetic 640x480 JPEGs to score.")] = 96,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(min=1)] = DEFAULT_BATCH_SIZE,
     rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds; medians are shown.")] = 3,
     queue: Annotated[
         bool, typer.Option(help="Also measure the queue path (needs redis-server).")
@@ -92,7 +93,8 @@ def bench(
 ) -> None:
     """Measure raw encode_image img/s, `worker classify` img/s and the queue path img/s in one
     run, with ratios to raw and the per-stage time breakdown."""
-    from worker.bench import (
+    from worker.model import load_model
+    from worker.ops.bench import (
         classify_pipeline,
         machine,
         queue_round,
@@ -102,9 +104,8 @@ def bench(
         untrained_checkpoint,
         worker_process,
     )
-    from worker.delivery import SinkCache
-    from worker.model import load_model
     from worker.plugins import PluginContext
+    from worker.queue.delivery import SinkCache
     from worker.runtime import build_engine
 
     settings = state(ctx).settings

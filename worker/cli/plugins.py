@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -46,16 +46,13 @@ def webhooks_enable(
     ctx: typer.Context, url: Annotated[str, typer.Argument(help="The receiver URL.")]
 ) -> None:
     """Turn a webhook endpoint that answered 410 Gone back on."""
-    from adapters.webhook import endpoint_key
-    from worker.store import Store
+    from worker.queue.jobs import RedisPluginState, redis_client
 
     settings = require_broker(ctx)
-    store = Store.from_settings(settings)
-    key = endpoint_key(url)
-    if not store.endpoint_disabled(key):
+    webhook: Any = sink_class("webhook")  # through the registry, like any plugin
+    if not webhook.reenable(RedisPluginState(redis_client(settings)), url):
         stderr.print(f"{escape(url)} is not disabled")
         raise typer.Exit(EXIT_FAILED)
-    store.enable_endpoint(key)
     stderr.print(f"{escape(url)} enabled; `worker dlq requeue --all` retries its dead letters")
 
 

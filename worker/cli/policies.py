@@ -12,7 +12,6 @@ from rich.table import Table
 
 from worker.cli.common import exits_on_errors, fail, progress_bar, state, stderr
 from worker.errors import PolicyError
-from worker.heads import CompiledModeration
 from worker.policy import load_policies
 from worker.runtime import compile_configured, load_configured_model
 
@@ -43,7 +42,7 @@ def check(ctx: typer.Context, paths: PathsArg = None) -> None:
         raise typer.Exit(1) from None
     files = {p.path for p in loaded}
     for item in loaded:
-        stderr.print(f"ok {item.path}:{item.line} {item.policy.kind} {item.name!r}")
+        stderr.print(f"ok {item.path}:{item.line} {item.policy.KIND} {item.name!r}")
     stderr.print(f"{len(loaded)} policies in {len(files)} file(s) are valid")
 
 
@@ -76,7 +75,7 @@ def compile(ctx: typer.Context, paths: PathsArg = None) -> None:
         table.add_column(column)
     for name, compiled in policy_set.compiled.items():
         stats = policy_set.stats[name]
-        kind = "moderation" if isinstance(compiled, CompiledModeration) else "tags"
+        kind = compiled.kind
         table.add_row(
             name,
             kind,

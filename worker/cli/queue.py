@@ -54,23 +54,23 @@ def serve(
     the worker at once. Batches take up to WORKER_BATCH__MAX_SIZE jobs or whatever arrived
     within WORKER_BATCH__MAX_WAIT_MS. Policy files are reloaded on change without restart.
     """
-    from worker.celery_app import _start, create_app
     from worker.policy import select_policies
-    from worker.service import default_sink_configs
+    from worker.queue.app import create_app, start
+    from worker.queue.service import default_sink_configs
 
     settings = state(ctx).settings
     if pool not in {"solo", "threads", "prefork"}:
         fail(f"--pool must be solo, threads or prefork, not {pool!r}")
     require_redis(settings.broker_url)  # Celery itself would retry connecting for ever
-    app = create_app(settings)
+    app = create_app(settings, worker=True)
     default_sink_configs(settings)
     select_policies([], settings.policy_dir)
     if pool == "prefork":  # children load their own model; check it loads at all
         _check_model_in_subprocess(settings)
     if pool != "prefork":
         try:
-            _start(app)
-        except SystemExit:  # _start logged the reason (worker.start_failed)
+            start(app)
+        except SystemExit:  # start() logged the reason (worker.start_failed)
             raise typer.Exit(EXIT_CONFIG) from None
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
@@ -246,10 +246,10 @@ def result(
     typer.echo(found.to_json())
 
 
-def _store(ctx: typer.Context):  # type: ignore[no-untyped-def]
-    from worker.store import Store
+def _dead_letters(ctx: typer.Context):  # type: ignore[no-untyped-def]
+    from worker.queue.dead_letters import DeadLetters
 
-    return Store.from_settings(require_broker(ctx))
+    return DeadLetters.from_settings(require_broker(ctx))
 
 
 @dlq_app.command("list")
@@ -261,7 +261,7 @@ def dlq_list(
 ) -> None:
     """List dead-lettered jobs: id, stage (validate | score | deliver), attempts, how often
     the job failed, sink, last error. Secrets are never shown (see docs/operations.md)."""
-    entries = _store(ctx).dead_letters()
+    entries = _dead_letters(ctx).entries()
     if as_json:
         for entry in entries:
             typer.echo(entry.to_json())
@@ -295,19 +295,20 @@ def dlq_requeue(
     Each entry is checked first: one that cannot be retried (a message that was never a
     job, an invalid job, secrets redacted without WORKER_SECRET_KEY) stays in the store and
     the reason is printed; the command then exits 1."""
-    from worker.requeue import RequeueRefusedError, requeue
+    from worker.errors import RequeueRefusedError
+    from worker.queue.dead_letters import requeue
 
     if not job_ids and not all_:
         fail("give job ids or --all")
-    store = _store(ctx)
-    targets = [e.job_id for e in store.dead_letters()] if all_ else list(job_ids or [])
+    letters = _dead_letters(ctx)
+    targets = [e.job_id for e in letters.entries()] if all_ else list(job_ids or [])
     from worker.client import Client
 
     client = Client(state(ctx).settings)
     failed = 0
     for job_id in targets:
         try:
-            how = requeue(store, client, job_id)
+            how = requeue(letters, client.jobs, client, job_id)
         except RequeueRefusedError as exc:
             stderr.print(f"{escape(job_id)}: kept, {escape(redact(str(exc)))}", soft_wrap=True)
             failed += 1
@@ -333,4 +334,4 @@ def dlq_purge(
     if not yes and sys.stdin.isatty():
         what = f"{len(job_ids)} entries" if job_ids else "every dead-lettered job"
         typer.confirm(f"Delete {what}?", abort=True)
-    stderr.print(f"purged {_store(ctx).purge_dead_letters(list(job_ids or []))} entries")
+    stderr.print(f"purged {_dead_letters(ctx).purge(list(job_ids or []))} entries")

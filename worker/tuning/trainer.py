@@ -30,9 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from worker.finetune_data import ClassTexts, ImageDataset
 from worker.log import get_logger
 from worker.model import LoadedModel
+from worker.tuning.finetune_data import ClassTexts, ImageDataset
 
 log = get_logger(__name__)
 RESUME_FILE = "state.pt"

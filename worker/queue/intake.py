@@ -27,19 +27,15 @@ from kombu.transport.redis import Channel, Transport
 from kombu.utils.encoding import bytes_to_str
 
 from worker.documents import json_depth
-from worker.errors import WorkerError
+from worker.errors import MessageRefusedError
 from worker.log import get_logger
-from worker.store import DeadLetter, Store, refused_id
+from worker.queue.dead_letters import DeadLetter, DeadLetters, refused_id
 
 log = get_logger(__name__)
 #: Deepest JSON nesting accepted in a message body (the job's metadata is limited further).
 MAX_DEPTH = 48
 _UNSUPPORTED_HEADERS = ("eta", "expires", "countdown")
 _EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
-
-
-class MessageRefusedError(WorkerError):
-    """A queue message that is not a job this worker can take; the text says why."""
 
 
 def _kind(value: Any) -> str:
@@ -100,15 +96,13 @@ def job_of_message(
     return job
 
 
-def quarantine(store: Store, message_id: Any, raw: Any, reason: str) -> DeadLetter:
+def quarantine(letters: DeadLetters, message_id: Any, raw: Any, reason: str) -> DeadLetter:
     """Dead-letter a refused message with its (capped, redacted) raw body."""
     if isinstance(raw, bytes):
         text = raw[: 64 * 1024].decode("utf-8", "replace")
     else:
         text = raw if isinstance(raw, str) else repr(raw)
-    entry = store.dead_letter(
-        DeadLetter.of(refused_id(message_id), {}, 0, reason, "validate", raw=text)
-    )
+    entry = letters.add(DeadLetter.of(refused_id(message_id), {}, 0, reason, "validate", raw=text))
     log.error("message.refused", job_id=entry.job_id, reason=reason[:300])
     return entry
 
@@ -121,7 +115,7 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
 
     def _refuse(self, message: Any, reason: str) -> None:
         try:
-            quarantine(self._dead_letter_store(), message.headers.get("id"), message.body, reason)
+            quarantine(self._dead_letters(), message.headers.get("id"), message.body, reason)
         except Exception:  # Redis down: the message stays unacknowledged and comes back
             log.exception("message.quarantine_failed")
             return
@@ -130,22 +124,22 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         except Exception:
             log.exception("message.ack_failed")
 
-    def _dead_letter_store(self) -> Store:
-        from worker.service import current_service
+    def _dead_letters(self) -> DeadLetters:
+        from worker.queue.service import current_service
 
         service = current_service()
         if service is not None:
-            return service.store
-        store: Store | None = getattr(self, "_mw_store", None)
-        if store is None:
-            store = Store.from_settings(self.app.conf.moderation_settings)
-            self._mw_store = store
-        return store
+            return service.dead_letters
+        letters: DeadLetters | None = getattr(self, "_mw_dead_letters", None)
+        if letters is None:
+            letters = DeadLetters.from_settings(self.app.conf.moderation_settings)
+            self._mw_dead_letters = letters
+        return letters
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         handle = super().create_task_handler(*args, **kwargs)
         settings = self.app.conf.moderation_settings
-        from worker.celery_app import SCORE_TASK
+        from worker.queue.app import SCORE_TASK
 
         max_bytes = settings.image.max_bytes * 4 // 3 + 256 * 1024  # inline base64 + job
 
@@ -209,7 +203,7 @@ class GuardedChannel(Channel):
                     problem = f"message body is not valid base64: {str(exc)[:200]}"
         if problem is None:
             return dict(message)
-        quarantine(Store(client, 60), None, item, problem)
+        quarantine(DeadLetters(client), None, item, problem)
         return None
 
     # The two methods below are kombu 5.x's own (kombu/transport/redis.py), with its

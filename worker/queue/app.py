@@ -1,11 +1,11 @@
-"""The Celery app: glue between Redis messages and :class:`worker.queue.QueueProcessor`.
+"""The Celery app: glue between Redis messages and :class:`worker.queue.processor.QueueProcessor`.
 
-Usable as ``celery -A worker.celery_app worker --pool solo`` or through ``worker serve``.
+Usable as ``celery -A worker.queue.app worker --pool solo`` or through ``worker serve``.
 
 Reliability settings (see docs/architecture.md, "Queue"):
 
 - json only, both ways: a pickle message is refused, never deserialised;
-- every message is vetted before the batch task sees it (``worker/intake.py``): one that
+- every message is vetted before the batch task sees it (``worker/queue/intake.py``): one that
   is not a ``moderation.score`` call with one job object is dead-lettered with its raw
   body, never raised into the consumer loop;
 - ``acks_late`` + ``task_reject_on_worker_lost``: a job is acknowledged after its result is
@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, current_app, signals
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
@@ -36,9 +36,6 @@ from worker.settings import Settings, load_settings
 
 log = get_logger(__name__)
 SCORE_TASK = "moderation.score"
-DEFAULT_BATCH = 32  # until a WORKER_BATCH__MAX_SIZE=0 worker has measured its GPU
-_created: list[Celery] = []  # apps made in this process, for the prefork child signal
-_pool_processes = 1  # prefork children sharing this machine's cores, set by worker_init
 #: How long a prefork child may take to send its UP message (it loads the model first).
 #: Celery's default of 4 s only applies to children forked after start-up (replacements of
 #: a dead child) and would SIGKILL each of them in turn while it loads.
@@ -85,13 +82,17 @@ def _settings_of(app: Celery) -> Settings:
     return settings
 
 
-def create_app(settings: Settings) -> Celery:
-    """A Celery app configured from ``settings``; the model is not loaded here."""
-    app = Celery("moderation_worker", broker=settings.broker_url, set_as_current=False)
+def create_app(settings: Settings, *, worker: bool = False) -> Celery:
+    """A Celery app configured from ``settings``; the model is not loaded here.
+
+    ``worker=True`` (``worker serve``, ``celery -A worker.queue.app``) makes it Celery's
+    current app, which is how a prefork child finds it after the fork."""
+    app = Celery("moderation_worker", broker=settings.broker_url, set_as_current=worker)
     if settings.broker_url.split("://", 1)[0] in {"redis", "rediss"}:
-        app.conf.broker_transport = "worker.intake:GuardedRedisTransport"
+        app.conf.broker_transport = "worker.queue.intake:GuardedRedisTransport"
     app.conf.update(
         moderation_settings=settings,
+        moderation_pool_processes=1,  # prefork children sharing the cores (worker_init)
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -100,57 +101,59 @@ def create_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         task_ignore_result=True,  # results live in mw:result:{job_id}
         task_default_queue=settings.queue.name,
-        worker_prefetch_multiplier=settings.batch.max_size or DEFAULT_BATCH,
+        worker_prefetch_multiplier=settings.batch.batch_size,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
         worker_proc_alive_timeout=CHILD_START_TIMEOUT_S,
         # Bad messages are dead-lettered, never raised into the consumer loop.
-        worker_consumer="worker.intake:GuardedConsumer",
+        worker_consumer="worker.queue.intake:GuardedConsumer",
         broker_transport_options={
             "visibility_timeout": settings.queue.visibility_timeout_s,
             "unacked_restore_interval": settings.queue.restore_interval_s,
             "unacked_restore_throttle": 1,
         },
     )
-
-    @app.task(  # type: ignore[untyped-decorator]
+    app.task(
         base=OutcomeBatches,
+        bind=True,
         name=SCORE_TASK,
         acks_late=True,
-        flush_every=settings.batch.max_size or DEFAULT_BATCH,
+        flush_every=settings.batch.batch_size,
         flush_interval=max(settings.batch.max_wait_ms, 1) / 1000,
-    )
-    def score(requests: list[SimpleRequest]) -> list[bool]:
-        from worker.service import current_service
-
-        service = current_service() or _start(app)
-        return service.processor.process(
-            [_payload(r) for r in requests], [getattr(r, "id", None) for r in requests]
-        )
-
-    _created.append(app)
+    )(score_batch)
     return app
+
+
+def send_job(app: Celery, job: dict[str, Any]) -> None:
+    """Put one job (a JSON-ready job document) on the queue: the one place tasks are sent."""
+    settings = _settings_of(app)
+    app.send_task(SCORE_TASK, args=[job], queue=settings.queue.name)
+
+
+def score_batch(task: Any, requests: list[SimpleRequest]) -> list[bool]:
+    """The batch task: one outcome per request (True = acknowledge)."""
+    from worker.queue.service import current_service
+
+    service = current_service() or start(task.app)
+    return service.processor.process(
+        [_payload(r) for r in requests], [getattr(r, "id", None) for r in requests]
+    )
 
 
 def _payload(request: SimpleRequest) -> Any:
     return request.args[0] if request.args else request.kwargs.get("job")
 
 
-def _start(app: Celery) -> Any:
+def start(app: Celery) -> Any:
     """Start this process's service. A bad model, policy or sink setting ends the process
     with exit code 2 (SystemExit passes through Celery's signal dispatch, which swallows
     ordinary exceptions) instead of leaving a worker up that cannot score."""
     from worker.errors import WorkerError
-    from worker.service import start_service
-
-    settings = _settings_of(app)
-
-    def resubmit(job: dict[str, Any]) -> None:
-        app.send_task(SCORE_TASK, args=[job], queue=settings.queue.name)
+    from worker.queue.service import start_service
 
     try:
-        service = start_service(settings, resubmit)
+        service = start_service(_settings_of(app), lambda job: send_job(app, job))
     except WorkerError as exc:
         log.error("worker.start_failed", error=str(exc))
         raise SystemExit(2) from exc
@@ -178,15 +181,14 @@ def _share_cores(processes: int) -> None:
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    global _pool_processes  # noqa: PLW0603 - read by the prefork children after fork
     app = getattr(sender, "app", None)
     if app is None or "moderation_settings" not in app.conf:
         return
     configure_logging(_settings_of(app).log_level, _settings_of(app).log_format)
     if _uses_main_process(sender):
-        _start(app)
+        start(app)
     else:  # prefork: nothing that touches torch here, the pool forks after this signal
-        _pool_processes = int(getattr(sender, "concurrency", None) or 1)
+        app.conf.moderation_pool_processes = int(getattr(sender, "concurrency", None) or 1)
 
 
 def _child_settings(settings: Settings) -> Settings:
@@ -203,11 +205,11 @@ def _child_settings(settings: Settings) -> Settings:
 
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]
 def _on_worker_process_init(**_: Any) -> None:
-    if _created:  # a prefork child: load the model here, once per process
-        app = _created[-1]
+    app = current_app._get_current_object()
+    if "moderation_settings" in app.conf:  # a prefork child: load the model here, once
         app.conf.moderation_settings = _child_settings(_settings_of(app))
-        _share_cores(_pool_processes)
-        _start(app)
+        _share_cores(int(app.conf.moderation_pool_processes))
+        start(app)
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
@@ -217,15 +219,15 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _on_worker_shutdown(**_: Any) -> None:
-    from worker.service import stop_service
+    from worker.queue.service import stop_service
 
     stop_service()
 
 
 def __getattr__(name: str) -> Any:
-    """``celery -A worker.celery_app`` looks for ``app``: build it from the environment."""
+    """``celery -A worker.queue.app`` looks for ``app``: build it from the environment."""
     if name in {"app", "celery"}:
-        built = create_app(load_settings())
+        built = create_app(load_settings(), worker=True)
         globals()["app"] = globals()["celery"] = built  # later lookups skip __getattr__
         return built
     raise AttributeError(name)

@@ -29,14 +29,14 @@ from pathlib import Path
 from worker.engine import Engine
 from worker.errors import PolicyError
 from worker.log import get_logger
-from worker.policy import (
+from worker.policy.loading import (
     MAX_POLICY_BYTES,
     LoadedPolicy,
     load_policies,
     policy_files,
     read_capped,
 )
-from worker.policyset import PolicySet
+from worker.policy.policyset import PolicySet
 
 log = get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""One worker process's long-lived parts: engine, store, deliveries, policy watcher.
+"""One worker process's long-lived parts: engine, job state, deliveries, policy watcher.
 
 Built once per process (``worker_process_init`` under prefork, ``worker_init`` under the
 solo and threads pools), never at import time.
@@ -12,19 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worker.delivery import Deliverer, DeliveryLoop, SinkCache
 from worker.engine import Engine
-from worker.health import HealthServer
 from worker.log import get_logger
+from worker.ops.health import HealthServer
+from worker.ops.telemetry import Telemetry
 from worker.plugins import PluginContext, parse_sink_spec
 from worker.policy import LoadedPolicy
-from worker.policyset import PolicySet
-from worker.queue import QueueProcessor
-from worker.reload import PolicyWatcher
+from worker.policy.policyset import PolicySet
+from worker.queue.dead_letters import DeadLetters
+from worker.queue.delivery import Deliverer, DeliveryLoop, SinkCache
+from worker.queue.jobs import JobStore, RedisPluginState
+from worker.queue.processor import QueueProcessor
+from worker.queue.reload import PolicyWatcher
 from worker.runtime import build_engine, compile_configured, resolve_batch_size
-from worker.settings import Settings
-from worker.store import Store
-from worker.telemetry import Telemetry
+from worker.settings import DEFAULT_BATCH_SIZE, Settings
 
 log = get_logger(__name__)
 
@@ -46,35 +47,40 @@ def default_sink_configs(settings: Settings) -> list[dict[str, Any]]:
 class Service:
     settings: Settings
     engine: Engine
-    store: Store
+    jobs: JobStore
+    dead_letters: DeadLetters
     deliverer: Deliverer
     processor: QueueProcessor
     watcher: PolicyWatcher
     loop: DeliveryLoop
     telemetry: Telemetry
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     health: HealthServer | None = None
 
     @classmethod
     def start(cls, settings: Settings, resubmit: Callable[[dict[str, Any]], None]) -> Service:
         defaults = default_sink_configs(settings)  # bad sink settings fail before the model loads
         engine = build_engine(settings, service=True)
-        store = Store.from_settings(settings)
-        store.redis.ping()
+        jobs = JobStore.from_settings(settings)
+        jobs.redis.ping()
+        dead_letters = DeadLetters(jobs.redis, jobs.sealer)
         telemetry = Telemetry()
         telemetry.set_model({**engine.model.describe(), "device": str(engine.model.device)})
         telemetry.set_policies(engine.policies.versions())
         telemetry.watch_redis(
             lambda: {
-                "queue_depth": float(store.redis.llen(settings.queue.name)),
-                "dead_letters": float(store.dead_letter_count()),
-                "pending_retries": float(store.pending_deliveries()),
+                "queue_depth": float(jobs.redis.llen(settings.queue.name)),
+                "dead_letters": float(dead_letters.count()),
+                "pending_retries": float(jobs.pending_deliveries()),
             },
             settings.queue.name,
         )
         deliverer = Deliverer(
-            store,
-            SinkCache(PluginContext(settings=settings, service=True, extras={"store": store})),
+            jobs,
+            dead_letters,
+            SinkCache(
+                PluginContext(settings=settings, service=True, state=RedisPluginState(jobs.redis))
+            ),
             defaults,
             max_attempts=settings.max_attempts,
             backoff_base_s=settings.delivery.backoff_base_s,
@@ -99,9 +105,10 @@ class Service:
         service = cls(
             settings,
             engine,
-            store,
+            jobs,
+            dead_letters,
             deliverer,
-            QueueProcessor(engine, store, deliverer, settings.max_attempts, telemetry),
+            QueueProcessor(engine, jobs, dead_letters, deliverer, settings.max_attempts, telemetry),
             watcher,
             loop,
             telemetry,
@@ -136,7 +143,7 @@ class Service:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """What /readyz reports: model loaded, Redis reachable, policies in service."""
         try:
-            redis_ok = bool(self.store.redis.ping())
+            redis_ok = bool(self.jobs.redis.ping())
             redis_detail = "ok"
         except Exception as exc:  # any connection problem makes the worker unready
             redis_ok, redis_detail = False, f"{type(exc).__name__}: {exc}"

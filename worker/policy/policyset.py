@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from worker.embedding_cache import CachedEmbedder, EmbeddingCache
-from worker.heads import CompiledPolicy, compile_policy
 from worker.log import get_logger
 from worker.model import LoadedModel
 from worker.policy import LoadedPolicy
+from worker.policy.compiled import CompiledPolicy
+from worker.policy.heads import compile_policy
 
 log = get_logger(__name__)
 CACHE_FILE = "embeddings.sqlite3"
@@ -28,7 +30,7 @@ class CompileStats:
 class PolicySet:
     """Compiled policies by name. Immutable: a reload builds a new set and swaps it in."""
 
-    compiled: dict[str, CompiledPolicy]
+    compiled: dict[str, CompiledPolicy[Any]]
     sources: dict[str, LoadedPolicy]
     stats: dict[str, CompileStats] = field(default_factory=dict)
 
@@ -56,7 +58,7 @@ def compile_policies(
 
     ``on_progress(policy_name, done, total)`` reports prompts encoded for a policy.
     """
-    compiled: dict[str, CompiledPolicy] = {}
+    compiled: dict[str, CompiledPolicy[Any]] = {}
     stats: dict[str, CompileStats] = {}
     for item in loaded:
 
@@ -67,7 +69,7 @@ def compile_policies(
         embedder = CachedEmbedder(model.encode_texts, cache, progress)
         started = time.perf_counter()
         policy = compile_policy(item.policy, embedder, model.fingerprint)
-        policy = replace(policy, matrix=policy.matrix.to(model.device))
+        policy = policy.to(model.device)
         seconds = time.perf_counter() - started
         stats[item.name] = CompileStats(seconds, embedder.hits + embedder.misses, embedder.misses)
         compiled[item.name] = policy

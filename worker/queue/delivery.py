@@ -22,10 +22,11 @@ from typing import Any
 from worker.documents import Job, Result
 from worker.errors import PermanentSinkError, PluginError, SinkError
 from worker.log import get_logger
+from worker.ops.telemetry import Telemetry
 from worker.plugins import PluginContext, Sink, available_sinks, job_sink_problem, make_sink
+from worker.queue.dead_letters import DeadLetter, DeadLetters
+from worker.queue.jobs import Delivery, JobStore, new_delivery_id
 from worker.redact import redact_text
-from worker.store import DeadLetter, Delivery, Store, new_delivery_id
-from worker.telemetry import Telemetry
 
 log = get_logger(__name__)
 MAX_RETRY_AFTER_S = 24 * 3600
@@ -141,7 +142,8 @@ class Deliverer:
 
     def __init__(
         self,
-        store: Store,
+        jobs: JobStore,
+        dead_letters: DeadLetters,
         sinks: SinkCache,
         default_sinks: Sequence[dict[str, Any]],
         *,
@@ -156,7 +158,8 @@ class Deliverer:
     ) -> None:
         self.resubmit = resubmit
         self.telemetry = telemetry
-        self.store = store
+        self.jobs = jobs
+        self.dead_letters = dead_letters
         self.sinks = sinks
         self.default_sinks = list(default_sinks)
         self.max_attempts = max_attempts
@@ -195,7 +198,7 @@ class Deliverer:
             for config in self.sink_configs(job)
         ]
         leased_until = time.time() + self.lease_s
-        self.store.schedule_deliveries([(d, leased_until) for d in deliveries])
+        self.jobs.schedule_deliveries([(d, leased_until) for d in deliveries])
         for delivery in deliveries:
             self._start(delivery)
 
@@ -206,7 +209,7 @@ class Deliverer:
 
     def _start(self, delivery: Delivery) -> None:
         if self.room() == 0:  # leave it to run_due, due now
-            self.store.schedule_delivery(delivery, time.time())
+            self.jobs.schedule_delivery(delivery, time.time())
             return
         future = self._pool.submit(self.attempt, delivery)
         with self._lock:
@@ -235,7 +238,7 @@ class Deliverer:
         waiting = [delivery for future, delivery in in_flight if future.cancel()]
         self._pool.shutdown(wait=True, cancel_futures=True)
         for delivery in waiting:
-            self.store.schedule_delivery(delivery, time.time())
+            self.jobs.schedule_delivery(delivery, time.time())
 
     def attempt(self, delivery: Delivery) -> bool:
         """Try one delivery; schedule a retry or dead-letter it on failure. True if delivered."""
@@ -255,7 +258,7 @@ class Deliverer:
             else:
                 self._dead_letter(delivery, message)
             return False
-        self.store.finish_delivery(delivery.delivery_id)
+        self.jobs.finish_delivery(delivery.delivery_id)
         seconds = time.perf_counter() - started
         self._count(sink_type, "delivered", seconds)
         log.info(
@@ -280,7 +283,7 @@ class Deliverer:
             delivery.attempt, self.backoff_base_s, self.backoff_max_s, retry_after
         )
         retry = replace(delivery, attempt=delivery.attempt + 1, last_error=error)
-        self.store.schedule_delivery(retry, time.time() + delay)
+        self.jobs.schedule_delivery(retry, time.time() + delay)
         sink = sink_label((delivery.sink or {}).get("type"))
         self._count(sink, "retry_scheduled")
         log.warning(
@@ -294,7 +297,7 @@ class Deliverer:
 
     def _dead_letter(self, delivery: Delivery, error: str) -> None:
         job_id = str(delivery.job.get("job_id"))
-        self.store.dead_letter(
+        self.dead_letters.add(
             DeadLetter.of(
                 job_id,
                 delivery.job,
@@ -302,10 +305,10 @@ class Deliverer:
                 error,
                 "deliver",
                 sink=delivery.sink,
-                sealer=self.store.sealer,
+                sealer=self.dead_letters.sealer,
             )
         )
-        self.store.finish_delivery(delivery.delivery_id)
+        self.jobs.finish_delivery(delivery.delivery_id)
         sink = sink_label((delivery.sink or {}).get("type"))
         self._count(sink, "dead_lettered")
         log.error("sink.failed", job_id=job_id, sink=sink, error=redact_text(error[:300]))
@@ -314,7 +317,7 @@ class Deliverer:
         """Submit ``job`` again after a backoff (transient source failures); returns the delay."""
         delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s)
         entry = Delivery(new_delivery_id(), job.model_dump(mode="json"), None, attempt, "", error)
-        self.store.schedule_delivery(entry, time.time() + delay)
+        self.jobs.schedule_delivery(entry, time.time() + delay)
         return delay
 
     def run_due(self) -> int:
@@ -323,13 +326,13 @@ class Deliverer:
         room = self.room()
         if room == 0:
             return 0
-        due = self.store.claim_deliveries(time.time(), self.lease_s, limit=room)
+        due = self.jobs.claim_deliveries(time.time(), self.lease_s, limit=room)
         for delivery in due:
             if delivery.sink is None:
                 if self.resubmit is None:  # only workers resubmit; leave it for one
                     continue
                 self.resubmit(delivery.job)
-                self.store.finish_delivery(delivery.delivery_id)
+                self.jobs.finish_delivery(delivery.delivery_id)
                 log.info("job.resubmitted", job_id=delivery.job.get("job_id"))
             else:
                 log.info(

@@ -25,19 +25,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from worker.errors import WorkerError
+from worker.errors import DataError
+from worker.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
 NONE_LABEL = "none"
-
-
-class DataError(WorkerError):
-    """The labelled data has problems; ``problems`` lists every one, naming file or label."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__(f"{len(problems)} problem(s) in the data:\n  " + "\n  ".join(problems))
 
 
 @dataclass(frozen=True)

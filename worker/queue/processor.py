@@ -2,7 +2,7 @@
 
 No Celery here: :class:`QueueProcessor` takes raw message payloads and says, per message,
 whether it is finished (acknowledge) or should be put back (requeue). The Celery task in
-``worker/celery_app.py`` is a thin adapter around it.
+``worker/queue/app.py`` is a thin adapter around it.
 
 Per job: count the attempt (a job taken more than ``max_attempts`` times goes to the
 dead-letter store instead of looping), reuse a stored result for a job id that was
@@ -22,16 +22,16 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from worker.delivery import Deliverer
 from worker.documents import JOB_ID, Job, Result
 from worker.engine import Engine, WorkItem
-from worker.errors import JobError
+from worker.errors import RETRYABLE_CODES, JobError
 from worker.log import get_logger
-from worker.store import RAW_KEPT, DeadLetter, Store, refused_id
-from worker.telemetry import Telemetry
+from worker.ops.telemetry import Telemetry
+from worker.queue.dead_letters import RAW_KEPT, DeadLetter, DeadLetters, refused_id
+from worker.queue.delivery import Deliverer
+from worker.queue.jobs import JobStore
 
 log = get_logger(__name__)
-RETRYABLE_CODES = frozenset({"source_unavailable", "source_timeout"})
 PIPELINE_MIN = 16  # batches this large are encoded in two overlapped halves
 
 
@@ -41,14 +41,16 @@ class QueueProcessor:
     def __init__(
         self,
         engine: Engine,
-        store: Store,
+        jobs: JobStore,
+        dead_letters: DeadLetters,
         deliverer: Deliverer,
         max_attempts: int,
         telemetry: Telemetry | None = None,
     ) -> None:
         self.telemetry = telemetry
         self.engine = engine
-        self.store = store
+        self.jobs = jobs
+        self.dead_letters = dead_letters
         self.deliverer = deliverer
         self.max_attempts = max_attempts
 
@@ -110,12 +112,12 @@ class QueueProcessor:
         if problem is not None:
             self._refuse(job, JobError(problem, code="sink_not_allowed"), batch_id)
             return None
-        attempt = self.store.take_attempt(job.job_id)
+        attempt = self.jobs.take_attempt(job.job_id)
         with structlog.contextvars.bound_contextvars(
             job_id=job.job_id, batch_id=batch_id, attempt=attempt
         ):
             if attempt > self.max_attempts:
-                self.store.dead_letter(
+                self.dead_letters.add(
                     DeadLetter.of(
                         job.job_id,
                         job.model_dump(mode="json"),
@@ -123,15 +125,15 @@ class QueueProcessor:
                         f"taken {attempt - 1} times without finishing (the worker crashed or "
                         "the job kept failing)",
                         "score",
-                        sealer=self.store.sealer,
+                        sealer=self.dead_letters.sealer,
                     )
                 )
                 log.error("job.dead_lettered")
                 return None
-            stored = self.store.get_result(job.job_id)
+            stored = self.jobs.get_result(job.job_id)
             if stored is not None:  # scored before: deliver the same document again
                 self.deliverer.deliver_all(job, Result.model_validate_json(stored))
-                self.store.reset_attempts(job.job_id)
+                self.jobs.reset_attempts(job.job_id)
                 log.info("job.redelivered")
                 return None
         return job, attempt
@@ -155,16 +157,16 @@ class QueueProcessor:
             f"invalid job: {problems}",
             "validate",
             raw=None if small else raw,
-            sealer=self.store.sealer,
+            sealer=self.dead_letters.sealer,
         )
-        self.store.dead_letter(entry)
+        self.dead_letters.add(entry)
         log.error("job.invalid", job_id=job_id, batch_id=batch_id, error=entry.error[:300])
 
     def _refuse(self, job: Job, error: JobError, batch_id: str) -> None:
         """Answer a job without scoring it: an error result, stored for `wait`."""
         item = WorkItem(job.job_id, job.image, job.policies, job.metadata)
         result = self.engine.refuse(item, error)
-        self.store.put_result(job.job_id, result.to_json())
+        self.jobs.put_result(job.job_id, result.to_json())
         if self.telemetry is not None:
             self.telemetry.observe_result(result)
         log.error(
@@ -200,8 +202,8 @@ class QueueProcessor:
                 )
                 log.warning("job.retry_scheduled", code=code, delay_s=round(delay, 2))
                 return True
-            self.store.put_result(job.job_id, result.to_json())
-            self.store.reset_attempts(job.job_id)
+            self.jobs.put_result(job.job_id, result.to_json())
+            self.jobs.reset_attempts(job.job_id)
             if self.telemetry is not None:
                 self.telemetry.observe_result(result)
             log.info(

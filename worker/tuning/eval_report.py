@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from worker import metrics
-from worker.evaluation import BAND_RECALL, CategoryMetrics, EvalReport
+from worker.tuning import metrics
+from worker.tuning.evaluation import BAND_RECALL, CategoryMetrics, EvalReport
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

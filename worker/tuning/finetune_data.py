@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from worker.datasets import NONE_LABEL, Example, LabelledSet
-from worker.heads import build_heads, ensemble_texts
 from worker.model import LoadedModel
-from worker.policy import ModerationPolicy, Policy
-from worker.templates import TEMPLATE_SETS
+from worker.policy import PolicyBase
+from worker.policy.heads import build_heads, ensemble_texts
+from worker.policy.templates import TEMPLATE_SETS
+from worker.tuning.datasets import NONE_LABEL, Example, LabelledSet
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class ClassTexts:
 def class_texts(
     labels: Sequence[str],
     *,
-    policy: Policy | None,
+    policy: PolicyBase | None,
     templates: str,
     needs_none: bool,
 ) -> ClassTexts:
@@ -43,17 +43,17 @@ def class_texts(
     texts: list[list[str]] = []
     if policy is not None:
         tmpl = policy.template_list()
-        by_id = (
-            {c.id: c.prompts for c in policy.categories}
-            if isinstance(policy, ModerationPolicy)
-            else {t.id: t.prompts for t in policy.tags}
-        )
+        by_id = policy.class_prompts()
         texts = [ensemble_texts(by_id[c], tmpl) for c in ids]
         if needs_none:
-            if not isinstance(policy, ModerationPolicy):
-                raise ValueError("images without a label need a moderation policy (its background)")
+            background = policy.background_prompts()
+            if background is None:
+                raise ValueError(
+                    f"images without a label need a policy with background prompts; "
+                    f"a {policy.KIND} policy has none"
+                )
             ids.append(NONE_LABEL)
-            texts.append(ensemble_texts(policy.background, tmpl))
+            texts.append(ensemble_texts(background, tmpl))
     else:
         tmpl = TEMPLATE_SETS[templates]
         texts = [ensemble_texts([c], tmpl) for c in ids]

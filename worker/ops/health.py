@@ -43,7 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.errors import ConfigurationError
 from worker.log import get_logger
-from worker.telemetry import Telemetry
+from worker.ops.telemetry import Telemetry
 
 log = get_logger(__name__)
 

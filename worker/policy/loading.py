@@ -1,6 +1,7 @@
-"""Policy files: the pydantic schema and the YAML loader that reports ``file:line: message``.
+"""Policy files: the YAML loader that reports ``file:line: message``.
 
-A policy file holds one or more YAML documents, each a ``moderation`` or ``tags`` policy.
+A policy file holds one or more YAML documents, each a policy of a kind registered in
+``worker/policy/kinds.py``.
 Every problem found is reported with the line to fix; loading never stops at the first one.
 
 Limits. A policy file is read by a long-running worker whenever it changes, so a hostile
@@ -23,26 +24,17 @@ Whole-file problems (unreadable, not a regular file, too large) are reported on 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
     ValidationError,
-    field_validator,
-    model_validator,
 )
-from pydantic_core import PydanticCustomError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.composer import Composer
@@ -56,19 +48,11 @@ from ruamel.yaml.events import (
 )
 
 from worker.errors import PolicyError, PolicyProblem
-from worker.policy_errors import describe, line_of, short_repr
-from worker.templates import TEMPLATE_SETS, template_problem
+from worker.policy.kinds import POLICY_KINDS
+from worker.policy.locations import describe, line_of, short_repr
+from worker.policy.schema import PolicyBase
 
 POLICY_SUFFIXES = (".yaml", ".yml")
-Action = Literal["flag", "review", "block"]
-Severity = Literal["low", "medium", "high", "critical"]
-Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
-Ident = Annotated[
-    str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-]
-#: Actions from mildest to strongest.
-ACTION_RANK: dict[str, int] = {"flag": 1, "review": 2, "block": 3}
-
 # --------------------------------------------------------------------------- limits
 # A policy is a few KiB of prompts (the shipped ones are 4 KiB and 2 KiB, ~250 YAML values,
 # nested 4 deep). The limits leave room for very large vocabularies while keeping the
@@ -91,145 +75,17 @@ MAX_YAML_NODES = 10_000
 MAX_SCALAR_CHARS = 10_000
 #: Most YAML documents (``---``), i.e. policies, in one file.
 MAX_DOCUMENTS = 100
-#: Most categories of a moderation policy, or tags of a tags policy (each prompt is
-#: encoded once per template, up to 80 times, when the policy is compiled).
-MAX_CLASSES = 5_000
 #: Most problems reported for one file; the rest are summed up as "… and K more".
 MAX_PROBLEMS_PER_FILE = 20
 #: Longest problem message, in characters (longer ones are cut and end with "…").
 MAX_MESSAGE_CHARS = 300
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _unique(items: Sequence[Any], what: str) -> None:
-    seen: set[str] = set()
-    for index, item in enumerate(items):
-        if item.id in seen:
-            raise PydanticCustomError(
-                "duplicate_id",
-                "duplicate {what} id '{id}'",
-                {"what": what, "id": item.id, "index": index},
-            )
-        seen.add(item.id)
-
-
-class Category(_Strict):
-    """A moderation category: prompts describing it, and what to do when it scores high."""
-
-    id: Ident
-    prompts: list[Prompt] = Field(min_length=1)
-    threshold: float = Field(0.5, ge=0.0, le=1.0)
-    action: Action = "flag"
-    severity: Severity = "medium"
-    description: str = ""
-
-
-class Tag(_Strict):
-    """A tag of a vocabulary; ``prompts`` default to the tag itself."""
-
-    id: Prompt
-    prompts: list[Prompt] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _default_prompts(self) -> Tag:
-        if not self.prompts:
-            object.__setattr__(self, "prompts", [self.id])
-        return self
-
-
-class _PolicyBase(_Strict):
-    name: Ident
-    description: str = ""
-    templates: str | list[str] = "default"
-
-    @field_validator("templates")
-    @classmethod
-    def _check_templates(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, str):
-            if value not in TEMPLATE_SETS:
-                raise ValueError(
-                    f"unknown template set {value!r} (known: {', '.join(TEMPLATE_SETS)}), "
-                    "or give a list of strings with '{}'"
-                )
-            return value
-        if not value:
-            raise ValueError("templates must not be empty")
-        for template in value:
-            problem = template_problem(template)
-            if problem:
-                raise ValueError(problem)
-        return value
-
-    def template_list(self) -> tuple[str, ...]:
-        if isinstance(self.templates, str):
-            return TEMPLATE_SETS[self.templates]
-        return tuple(self.templates)
-
-    def definition_hash(self) -> str:
-        """sha256 of the policy as the scorer sees it (templates expanded)."""
-        body = self.model_dump(mode="json")
-        body["templates"] = list(self.template_list())
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-class ModerationPolicy(_PolicyBase):
-    """Categories scored one-vs-background; a score at or above the threshold is a flag."""
-
-    kind: Literal["moderation"] = "moderation"
-    background: list[Prompt] = Field(min_length=1)
-    categories: list[Category] = Field(min_length=1, max_length=MAX_CLASSES)
-
-    @field_validator("categories")
-    @classmethod
-    def _unique_categories(cls, value: list[Category]) -> list[Category]:
-        _unique(value, "category")
-        return value
-
-
-class TagsPolicy(_PolicyBase):
-    """A tag vocabulary scored with one softmax; the top_k tags above min_score are kept."""
-
-    kind: Literal["tags"] = "tags"
-    top_k: int = Field(5, ge=1)
-    min_score: float = Field(0.0, ge=0.0, le=1.0)
-    tags: list[Tag] = Field(min_length=1, max_length=MAX_CLASSES)
-
-    @field_validator("tags", mode="before")
-    @classmethod
-    def _strings_are_tags(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"id": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("tags")
-    @classmethod
-    def _unique_tags(cls, value: list[Tag]) -> list[Tag]:
-        _unique(value, "tag")
-        return value
-
-
-Policy = ModerationPolicy | TagsPolicy
-POLICY_KINDS: dict[str, type[ModerationPolicy] | type[TagsPolicy]] = {
-    "moderation": ModerationPolicy,
-    "tags": TagsPolicy,
-}
-
-
-def class_ids(policy: Policy) -> list[str]:
-    """The ids a policy scores: category ids, or tag ids."""
-    if isinstance(policy, ModerationPolicy):
-        return [c.id for c in policy.categories]
-    return [t.id for t in policy.tags]
-
-
 @dataclass(frozen=True)
 class LoadedPolicy:
     """A validated policy and where it was defined."""
 
-    policy: Policy
+    policy: PolicyBase
     path: Path
     line: int
 
@@ -522,7 +378,7 @@ def _parse(path: Path, text: str) -> list[Any]:
 
 def _validate_document(
     doc: Any, path: Path, index: int, base_line: int
-) -> tuple[Policy | None, list[PolicyProblem]]:
+) -> tuple[PolicyBase | None, list[PolicyProblem]]:
     if not isinstance(doc, CommentedMap):
         return None, [PolicyProblem(str(path), base_line, "a policy document must be a mapping")]
     data = dict(doc)
@@ -537,10 +393,10 @@ def _validate_document(
             )
         ]
     kind = data.get("kind")
-    if kind not in POLICY_KINDS:
+    if not isinstance(kind, str) or kind not in POLICY_KINDS:
         line = line_of(doc, ["kind"], base_line)
         what = "missing key 'kind'" if kind is None else f"unknown kind {short_repr(kind)}"
-        return None, [PolicyProblem(str(path), line, f"{what} (moderation | tags)")]
+        return None, [PolicyProblem(str(path), line, f"{what} ({' | '.join(POLICY_KINDS)})")]
     try:
         return POLICY_KINDS[kind].model_validate(data), []
     except ValidationError as exc:

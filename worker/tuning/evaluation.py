@@ -14,10 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker import metrics
-from worker.heads import CompiledModeration, CompiledPolicy
-from worker.policy import class_ids
-from worker.scoring import moderation_scores, tag_probabilities
+from worker.policy import CompiledPolicy
+from worker.tuning import metrics
 
 #: Review bands: below the low edge pass, above the high edge act, between -> a human.
 BAND_RECALL = 0.9
@@ -73,24 +71,15 @@ def _finite(value: Any) -> Any:
 
 
 def policy_scores(
-    compiled: CompiledPolicy, embeddings: torch.Tensor, logit_scale: float
+    compiled: CompiledPolicy[Any], embeddings: torch.Tensor, logit_scale: float
 ) -> np.ndarray:
     """(N, C) scores of every class of the policy, as the worker would compute them."""
     emb = embeddings.to(compiled.matrix.device)
-    if isinstance(compiled, CompiledModeration):
-        return moderation_scores(emb, compiled, logit_scale).cpu().double().numpy()
-    return tag_probabilities(emb, compiled, logit_scale).cpu().double().numpy()
-
-
-def _current_threshold(compiled: CompiledPolicy, index: int) -> tuple[float, str]:
-    if isinstance(compiled, CompiledModeration):
-        category = compiled.policy.categories[index]
-        return category.threshold, category.action
-    return compiled.policy.min_score, "tag"
+    return compiled.scores(emb, logit_scale).cpu().double().numpy()
 
 
 def evaluate(
-    compiled: CompiledPolicy,
+    compiled: CompiledPolicy[Any],
     truth: np.ndarray,
     scores: np.ndarray,
     *,
@@ -99,9 +88,9 @@ def evaluate(
 ) -> list[CategoryMetrics]:
     """Per-class metrics. ``truth`` is (N, C) bool, ``scores`` (N, C)."""
     out = []
-    for index, class_id in enumerate(class_ids(compiled.policy)):
+    for index, class_id in enumerate(compiled.class_ids()):
         y, s = truth[:, index], scores[:, index]
-        threshold, action = _current_threshold(compiled, index)
+        threshold, action = compiled.operating_point(index)
         at = metrics.at_threshold(y, s, threshold)
         has_both = 0 < y.sum() < y.size
         item = CategoryMetrics(

@@ -12,9 +12,21 @@ import numpy as np
 import torch
 
 from worker.checkpoint import save_checkpoint
-from worker.datasets import DataError, Example, LabelledSet, read_labelled, validate
-from worker.embedder import embed_files
-from worker.finetune import (
+from worker.errors import DataError
+from worker.log import get_logger
+from worker.model import LoadedModel, fingerprint_model, model_config
+from worker.policy import LoadedPolicy
+from worker.settings import Settings
+from worker.tuning.datasets import Example, LabelledSet, read_labelled, validate
+from worker.tuning.embedder import embed_files
+from worker.tuning.finetune_data import (
+    ClassTexts,
+    ImageDataset,
+    class_heads,
+    class_texts,
+    needs_none,
+)
+from worker.tuning.trainer import (
     TrainConfig,
     Trainer,
     interpolate,
@@ -24,11 +36,6 @@ from worker.finetune import (
     trainable_names,
     trainable_state,
 )
-from worker.finetune_data import ClassTexts, ImageDataset, class_heads, class_texts, needs_none
-from worker.log import get_logger
-from worker.model import LoadedModel, fingerprint_model, model_config
-from worker.policy import LoadedPolicy, class_ids
-from worker.settings import Settings
 
 log = get_logger(__name__)
 STATE_DIR = ".resume"
@@ -106,7 +113,7 @@ def check_data(opts: FinetuneOptions) -> tuple[LabelledSet, LabelledSet | None, 
     """Every data problem at once, before any model is loaded."""
     problems: list[str] = []
     data = read_labelled(opts.data)
-    known = class_ids(opts.policy.policy) if opts.policy else None
+    known = opts.policy.policy.class_ids() if opts.policy else None
     classes = sorted({label for e in data.examples for label in e.labels})
     checks: list[tuple[list[str] | None, int, tuple[str, ...], bool]] = [
         (known, 0, (), True),  # every file readable, every label known

@@ -1,0 +1,8 @@
+"""Operating a worker: Prometheus telemetry, the health endpoint, throughput benchmarks.
+
+| module | holds |
+|---|---|
+| ``telemetry`` | ``Telemetry``: counters, histograms, Redis gauges in a registry of its own |
+| ``health`` | ``HealthServer``: ``/metrics``, ``/livez``, ``/readyz`` |
+| ``bench`` | raw encoder vs classify vs queue measurements (``worker bench``) |
+"""

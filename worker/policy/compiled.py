@@ -1,0 +1,66 @@
+"""A compiled policy: heads ready for one matmul, and how its scores become a result.
+
+:class:`CompiledPolicy` is the one interface the engine, eval, thresholds and fine-tuning
+use; each kind implements it in its own module (``moderation.py``, ``tags.py``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
+
+import torch
+
+from worker.documents import Flag, ModerationResult, TagsResult
+from worker.policy.schema import PolicyBase
+
+P = TypeVar("P", bound=PolicyBase)
+#: Scores and labels are rounded to this many digits in result documents.
+SCORE_DIGITS = 6
+
+
+@dataclass(frozen=True)
+class Section:
+    """One policy's part of one image's result."""
+
+    body: ModerationResult | TagsResult
+    flags: list[Flag] = field(default_factory=list)
+    labels: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CompiledPolicy(ABC, Generic[P]):
+    """A policy, its version (sha256 of definition + model) and its heads, one per row."""
+
+    policy: P
+    version: str
+    matrix: torch.Tensor  # (heads, D), L2-normalised rows
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def kind(self) -> str:
+        return self.policy.KIND
+
+    def class_ids(self) -> list[str]:
+        return self.policy.class_ids()
+
+    def to(self, device: torch.device | str) -> CompiledPolicy[P]:
+        return replace(self, matrix=self.matrix.to(device))
+
+    @abstractmethod
+    def scores(self, embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
+        """``(N, D)`` normalised image embeddings -> ``(N, classes)`` scores in [0, 1]: the
+        numbers results carry and eval measures (one matmul)."""
+
+    @abstractmethod
+    def section(self, values: Sequence[float]) -> Section:
+        """One image's class scores -> its part of the result (flags, tags, labels)."""
+
+    @abstractmethod
+    def operating_point(self, index: int) -> tuple[float, str]:
+        """The threshold in force for class ``index`` and what crossing it does (eval)."""

@@ -1,0 +1,115 @@
+"""What every policy has, whatever its kind: the pydantic base and the field types.
+
+A kind (``moderation``, ``tags``, …) is one module of this package with a policy class
+deriving from :class:`PolicyBase` and a compiled class deriving from
+:class:`worker.policy.compiled.CompiledPolicy`, registered in ``worker/policy/kinds.py``.
+Nothing outside this package asks which kind a policy is: it asks the policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
+
+from worker.policy.templates import TEMPLATE_SETS, template_problem
+
+if TYPE_CHECKING:
+    from worker.policy.compiled import CompiledPolicy
+
+Action = Literal["flag", "review", "block"]
+Severity = Literal["low", "medium", "high", "critical"]
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+Ident = Annotated[
+    str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+]
+#: Actions from mildest to strongest.
+ACTION_RANK: dict[str, int] = {"flag": 1, "review": 2, "block": 3}
+#: Most categories of a moderation policy, or tags of a tags policy (each prompt is
+#: encoded once per template, up to 80 times, when the policy is compiled).
+MAX_CLASSES = 5_000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def require_unique_ids(items: Sequence[Any], what: str) -> None:
+    """A pydantic error naming the first repeated ``id`` among ``items``."""
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if item.id in seen:
+            raise PydanticCustomError(
+                "duplicate_id",
+                "duplicate {what} id '{id}'",
+                {"what": what, "id": item.id, "index": index},
+            )
+        seen.add(item.id)
+
+
+class PolicyBase(Strict):
+    """The fields and questions every kind of policy answers."""
+
+    #: The ``kind:`` value of the YAML document (each subclass fixes it).
+    KIND: ClassVar[str]
+    #: Whether its classes carry ``threshold:`` lines that ``worker eval`` can write back.
+    HAS_THRESHOLDS: ClassVar[bool] = False
+
+    name: Ident
+    description: str = ""
+    templates: str | list[str] = "default"
+
+    @field_validator("templates")
+    @classmethod
+    def _check_templates(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            if value not in TEMPLATE_SETS:
+                raise ValueError(
+                    f"unknown template set {value!r} (known: {', '.join(TEMPLATE_SETS)}), "
+                    "or give a list of strings with '{}'"
+                )
+            return value
+        if not value:
+            raise ValueError("templates must not be empty")
+        for template in value:
+            problem = template_problem(template)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    def template_list(self) -> tuple[str, ...]:
+        if isinstance(self.templates, str):
+            return TEMPLATE_SETS[self.templates]
+        return tuple(self.templates)
+
+    def definition_hash(self) -> str:
+        """sha256 of the policy as the scorer sees it (templates expanded)."""
+        body = self.model_dump(mode="json")
+        body["templates"] = list(self.template_list())
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    @abstractmethod
+    def class_prompts(self) -> dict[str, list[str]]:
+        """The classes it scores (category or tag ids, in order) and their prompts."""
+
+    def class_ids(self) -> list[str]:
+        return list(self.class_prompts())
+
+    def background_prompts(self) -> list[str] | None:
+        """Prompts of ordinary content every class is contrasted with, if the kind has any
+        (fine-tuning uses them for unlabelled images)."""
+        return None
+
+    @abstractmethod
+    def text_groups(self) -> list[list[str]]:
+        """Every head's templated texts, in the row order of the compiled matrix."""
+
+    @abstractmethod
+    def compile(self, lookup: Mapping[str, torch.Tensor], version: str) -> CompiledPolicy[Any]:
+        """The compiled policy from embeddings of every text of :meth:`text_groups`."""

@@ -1,0 +1,86 @@
+"""``kind: tags``: a vocabulary scored with one softmax; the top_k tags above min_score."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from worker.documents import TagScore, TagsResult
+from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Section
+from worker.policy.heads import build_heads, ensemble_texts
+from worker.policy.schema import MAX_CLASSES, PolicyBase, Prompt, Strict, require_unique_ids
+from worker.policy.scoring import softmax_scores
+
+
+class Tag(Strict):
+    """A tag of a vocabulary; ``prompts`` default to the tag itself."""
+
+    id: Prompt
+    prompts: list[Prompt] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _default_prompts(self) -> Tag:
+        if not self.prompts:
+            object.__setattr__(self, "prompts", [self.id])
+        return self
+
+
+class TagsPolicy(PolicyBase):
+    """A tag vocabulary scored with one softmax; the top_k tags above min_score are kept."""
+
+    KIND: ClassVar[str] = "tags"
+
+    kind: Literal["tags"] = "tags"
+    top_k: int = Field(5, ge=1)
+    min_score: float = Field(0.0, ge=0.0, le=1.0)
+    tags: list[Tag] = Field(min_length=1, max_length=MAX_CLASSES)
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _strings_are_tags(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"id": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _unique_tags(cls, value: list[Tag]) -> list[Tag]:
+        require_unique_ids(value, "tag")
+        return value
+
+    def class_prompts(self) -> dict[str, list[str]]:
+        return {t.id: list(t.prompts) for t in self.tags}
+
+    def text_groups(self) -> list[list[str]]:
+        templates = self.template_list()
+        return [ensemble_texts(t.prompts, templates) for t in self.tags]
+
+    def compile(self, lookup: Mapping[str, torch.Tensor], version: str) -> CompiledTags:
+        return CompiledTags(self, version, build_heads(self.text_groups(), lookup))
+
+
+@dataclass(frozen=True)
+class CompiledTags(CompiledPolicy[TagsPolicy]):
+    """One row of ``matrix`` per tag."""
+
+    def scores(self, embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
+        return softmax_scores(embeddings, self.matrix, logit_scale)
+
+    def top(self, values: Sequence[float]) -> list[tuple[str, float]]:
+        """The ``top_k`` ``(tag, score)`` at or above ``min_score``, best first."""
+        ranked = sorted(
+            zip(self.class_ids(), values, strict=True), key=lambda pair: pair[1], reverse=True
+        )
+        return [(t, p) for t, p in ranked[: self.policy.top_k] if p >= self.policy.min_score]
+
+    def section(self, values: Sequence[float]) -> Section:
+        kept = self.top(values)
+        tags = [TagScore(tag=t, score=round(s, SCORE_DIGITS)) for t, s in kept]
+        return Section(TagsResult(version=self.version, tags=tags), labels=kept)
+
+    def operating_point(self, index: int) -> tuple[float, str]:
+        return self.policy.min_score, "tag"
