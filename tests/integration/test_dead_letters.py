@@ -103,7 +103,7 @@ def test_without_a_key_a_redacted_entry_is_refused_and_kept(redis_url: str) -> N
     store = _store(redis_url)
     store.add(DeadLetter.of("job-1", JOB, 2, "taken 2 times", "score"))
     with pytest.raises(RequeueRefusedError, match="WORKER_SECRET_KEY"):
-        requeue(store, _jobs(redis_url), _client(redis_url), "job-1")
+        requeue(store, _jobs(redis_url), _client(redis_url).submit, "job-1")
     assert store.count() == 1
 
 
@@ -114,7 +114,7 @@ def test_with_a_key_the_sealed_job_is_requeued_whole(redis_url: str) -> None:
     dumped = _everything_in_redis(redis_url)
     assert SECRET not in dumped
     assert "deadbeef99" not in dumped
-    assert requeue(store, _jobs(redis_url), _client(redis_url), "job-1") == "submitted again"
+    assert requeue(store, _jobs(redis_url), _client(redis_url).submit, "job-1") == "submitted again"
     [job] = _queued_jobs(redis_url)
     assert job["image"]["uri"] == SIGNED
     assert job["sinks"][0]["secret"] == SECRET
@@ -122,7 +122,9 @@ def test_with_a_key_the_sealed_job_is_requeued_whole(redis_url: str) -> None:
     # Another worker with another key cannot open it, and says so.
     store.add(DeadLetter.of("job-1", JOB, 2, "again", "score", sealer=store.sealer))
     with pytest.raises(RequeueRefusedError, match="another WORKER_SECRET_KEY"):
-        requeue(_store(redis_url, generate_key()), _jobs(redis_url), _client(redis_url), "job-1")
+        requeue(
+            _store(redis_url, generate_key()), _jobs(redis_url), _client(redis_url).submit, "job-1"
+        )
 
 
 def test_requeue_validates_before_it_removes(redis_url: str) -> None:
@@ -130,11 +132,11 @@ def test_requeue_validates_before_it_removes(redis_url: str) -> None:
     store.add(DeadLetter.of("job-2", {"image": {}}, 0, "invalid job: image", "validate"))
     store.add(DeadLetter.of("refused-x", {}, 0, "got null", "validate", raw="null"))
     with pytest.raises(RequeueRefusedError, match="not a valid job"):
-        requeue(store, _jobs(redis_url), _client(redis_url), "job-2")
+        requeue(store, _jobs(redis_url), _client(redis_url).submit, "job-2")
     with pytest.raises(RequeueRefusedError, match="refused before it was a job"):
-        requeue(store, _jobs(redis_url), _client(redis_url), "refused-x")
+        requeue(store, _jobs(redis_url), _client(redis_url).submit, "refused-x")
     assert store.count() == 2
-    assert requeue(store, _jobs(redis_url), _client(redis_url), "not-there") is None
+    assert requeue(store, _jobs(redis_url), _client(redis_url).submit, "not-there") is None
 
 
 def test_a_failure_written_during_requeue_is_kept(redis_url: str) -> None:

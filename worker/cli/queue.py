@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import json
 import os
 import sys
 import time
@@ -29,7 +27,7 @@ from worker.documents import ImageRef, Job, SinkConfig
 from worker.redact import redact_text as redact
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
+    pass
 
 dlq_app = typer.Typer(help="Inspect and retry jobs in the dead-letter store.", no_args_is_help=True)
 
@@ -54,99 +52,16 @@ def serve(
     the worker at once. Batches take up to WORKER_BATCH__MAX_SIZE jobs or whatever arrived
     within WORKER_BATCH__MAX_WAIT_MS. Policy files are reloaded on change without restart.
     """
-    from worker.policy import select_policies
-    from worker.queue.app import create_app, start
-    from worker.queue.service import default_sink_configs
+    from worker.queue.serving import run_worker
 
-    settings = state(ctx).settings
     if pool not in {"solo", "threads", "prefork"}:
         fail(f"--pool must be solo, threads or prefork, not {pool!r}")
+    settings = state(ctx).settings
     require_redis(settings.broker_url)  # Celery itself would retry connecting for ever
-    app = create_app(settings, worker=True)
-    default_sink_configs(settings)
-    select_policies([], settings.policy_dir)
-    if pool == "prefork":  # children load their own model; check it loads at all
-        _check_model_in_subprocess(settings)
-    if pool != "prefork":
-        try:
-            start(app)
-        except SystemExit:  # start() logged the reason (worker.start_failed)
-            raise typer.Exit(EXIT_CONFIG) from None
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            fail(
-                f"cannot listen on {settings.metrics.host}:{settings.metrics.port} for "
-                "/metrics and /readyz: the address is in use (set WORKER_METRICS__PORT to a "
-                "free port, or 0 to turn the endpoint off)"
-            )
-    node = name or f"moderation-{os.getpid()}@%h"
-    app.worker_main(
-        [
-            "worker",
-            f"--pool={pool}",
-            f"--concurrency={concurrency}",
-            f"--queues={settings.queue.name}",
-            f"--hostname={node}",
-            f"--loglevel={settings.log_level.upper()}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
-
-
-_CHECK_MODEL = """
-import json, pickle, sys
-from worker.errors import WorkerError
-from worker.log import configure_logging
-from worker.runtime import load_configured_model
-settings = pickle.load(sys.stdin.buffer)
-configure_logging(settings.log_level, settings.log_format)
-try:
-    load_configured_model(settings)
-except WorkerError as exc:
-    with open(sys.argv[1], "w", encoding="utf-8") as out:
-        json.dump({"type": type(exc).__name__, "message": str(exc)}, out)
-    sys.exit(2)
-"""
-
-
-def _check_model_in_subprocess(settings: Settings) -> None:
-    """Load the model once in a fresh interpreter and drop it, so a bad model setting stops
-    ``serve --pool prefork`` before any child starts (each child loads its own copy).
-
-    Never in this process: building the model runs torch ops (open_clip's causal mask),
-    which start libgomp's OpenMP thread pool, and libgomp is not fork-safe: a prefork child
-    forked after that hangs for ever in its first parallel region (model load or encode),
-    holding its jobs unacknowledged and keeping a warm shutdown from ever finishing. No
-    torch op, CUDA call or service thread may run in the parent before the pool forks.
-    """
-    import pickle
-    import subprocess
-    import tempfile
-
-    from worker import errors
-
-    with tempfile.TemporaryDirectory(prefix="mw-model-check-") as tmp:
-        report = os.path.join(tmp, "error.json")
-        done = subprocess.run(
-            [sys.executable, "-c", _CHECK_MODEL, report],
-            input=pickle.dumps(settings),
-            check=False,
-        )
-        if done.returncode == 0:
-            return
-        found: dict[str, str] = {}
-        if os.path.exists(report):
-            with open(report, encoding="utf-8") as handle:
-                found = json.load(handle)
-    kind = getattr(errors, found.get("type", ""), None)
-    if not (isinstance(kind, type) and issubclass(kind, errors.WorkerError)):
-        kind = errors.ModelLoadError
-    raise kind(
-        found.get("message")
-        or f"the model check process failed (exit code {done.returncode}); see its output above"
-    )
+    try:
+        run_worker(settings, pool=pool, concurrency=concurrency, name=name)
+    except SystemExit as exc:  # the start-up failure was logged (worker.start_failed)
+        raise typer.Exit(EXIT_CONFIG) from exc
 
 
 def _parse_sinks(specs: list[str]) -> list[SinkConfig]:
@@ -308,7 +223,7 @@ def dlq_requeue(
     failed = 0
     for job_id in targets:
         try:
-            how = requeue(letters, client.jobs, client, job_id)
+            how = requeue(letters, client.jobs, client.submit, job_id)
         except RequeueRefusedError as exc:
             stderr.print(f"{escape(job_id)}: kept, {escape(redact(str(exc)))}", soft_wrap=True)
             failed += 1

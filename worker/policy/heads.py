@@ -60,4 +60,7 @@ def compile_policy(
 ) -> CompiledPolicy[Any]:
     """Build the heads of ``policy`` from embeddings supplied by ``embed``."""
     lookup = embed(policy_texts(policy))
-    return policy.compile(lookup, policy_version(policy, model_fingerprint))
+    compiled: CompiledPolicy[Any] = policy.compile(
+        lookup, policy_version(policy, model_fingerprint)
+    )
+    return compiled

@@ -12,16 +12,13 @@ import hashlib
 import json
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
 from worker.policy.templates import TEMPLATE_SETS, template_problem
-
-if TYPE_CHECKING:
-    from worker.policy.compiled import CompiledPolicy
 
 Action = Literal["flag", "review", "block"]
 Severity = Literal["low", "medium", "high", "critical"]
@@ -110,6 +107,7 @@ class PolicyBase(Strict):
     def text_groups(self) -> list[list[str]]:
         """Every head's templated texts, in the row order of the compiled matrix."""
 
-    @abstractmethod
-    def compile(self, lookup: Mapping[str, torch.Tensor], version: str) -> CompiledPolicy[Any]:
-        """The compiled policy from embeddings of every text of :meth:`text_groups`."""
+    def compile(self, lookup: Mapping[str, torch.Tensor], version: str) -> Any:
+        """The kind's :class:`~worker.policy.compiled.CompiledPolicy`, from embeddings of
+        every text of :meth:`text_groups` (each kind module implements it)."""
+        raise NotImplementedError

@@ -6,10 +6,11 @@
 | ``intake`` | vetting every message before the batch task sees it |
 | ``processor`` | ``QueueProcessor``: payloads in, per-message outcomes out (no Celery) |
 | ``delivery`` | ``Deliverer``: leased deliveries, retries, the delivery pool |
-| ``jobs`` | ``JobStore``: results, attempts and the delivery schedule in Redis |
+| ``jobs`` | ``JobStore``: results, attempts and the delivery schedule; ``RedisPluginState`` |
 | ``dead_letters`` | ``DeadLetters``: what could not be completed, and requeueing it |
 | ``reload`` | ``PolicyWatcher``: hot policy reload |
 | ``service`` | ``Service``: one process's long-lived parts |
+| ``serving`` | ``worker serve``: checks before consuming, then Celery's worker loop |
 
 It may import the engine, the policy package, plugins and ``ops``; nothing outside
 ``worker.cli`` and ``worker.client`` imports it.

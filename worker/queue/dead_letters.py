@@ -11,8 +11,9 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import redis
 from pydantic import ValidationError
@@ -22,9 +23,6 @@ from worker.errors import ConfigurationError, RequeueRefusedError
 from worker.queue.jobs import Delivery, JobStore, new_delivery_id, redis_client
 from worker.redact import redact_config, redact_job, redact_text
 from worker.sealing import Sealer
-
-if TYPE_CHECKING:
-    from worker.client import Client
 
 KEY = "mw:dlq"
 HISTORY_KEPT = 10  # earlier failures kept per dead-letter entry
@@ -207,7 +205,9 @@ def _original(
     return opened["job"], opened.get("sink")
 
 
-def requeue(letters: DeadLetters, jobs: JobStore, client: Client, job_id: str) -> str | None:
+def requeue(
+    letters: DeadLetters, jobs: JobStore, submit: Callable[[Job], object], job_id: str
+) -> str | None:
     """Retry one dead-lettered job; returns what was done, or None if it was not there.
 
     Raises RequeueRefusedError (the entry stays) when it cannot be retried.
@@ -236,7 +236,7 @@ def requeue(letters: DeadLetters, jobs: JobStore, client: Client, job_id: str) -
         how = f"delivery to {sink.get('type')} scheduled"
     else:
         jobs.reset_attempts(job_id)
-        client.submit(job)
+        submit(job)
         how = "submitted again"
     if not letters.remove(job_id, expected=stored_json):
         how += " (the entry changed meanwhile and was kept)"
