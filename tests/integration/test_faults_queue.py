@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import write_images
-from tests.integration.conftest import WorkerProcess, cli, wait_until
+from tests.helpers import wait_until, write_images
 from tests.integration.hostile import HOSTILE, send_hostile
+from tests.processes import WorkerProcess, cli
 from worker.client import Client
 from worker.queue.dead_letters import DeadLetters
 from worker.settings import load_settings
@@ -131,6 +131,8 @@ def test_refused_messages_are_listed_and_requeue_says_why(
     assert worker.stop() == 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # ~70 s alone on 2 cores; far more beside other test workers
 def test_soak_1000_good_jobs_100_malformed_two_workers_one_killed(
     tmp_path: Path,
     plugin_path: Path,
@@ -167,7 +169,7 @@ def test_soak_1000_good_jobs_100_malformed_two_workers_one_killed(
             workers[0].proc.wait(10)
     assert sum(bad.values()) == 100
 
-    wait_until(lambda: len(list(out.glob("*.json"))) == 1000, 300, "1000 results")
+    wait_until(lambda: len(list(out.glob("*.json"))) == 1000, 600, "1000 results")
     expected_dead = sum(n for k, n in bad.items() if k not in ANSWERED_BY_RESULT)
     letters = DeadLetters(client.jobs.redis)
     wait_until(lambda: letters.count() == expected_dead, 60, "dead letters")
