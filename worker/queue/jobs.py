@@ -20,9 +20,12 @@ from typing import Any, cast
 
 import redis
 
+from worker.errors import ConfigurationError
+from worker.log import get_logger
 from worker.redact import redact_job
 from worker.sealing import Sealer
 
+log = get_logger(__name__)
 PREFIX = "mw:"
 ATTEMPTS_TTL_S = 30 * 24 * 3600
 
@@ -141,7 +144,10 @@ class JobStore:
             if raw is None:  # finished by someone else meanwhile
                 self.redis.zrem(f"{PREFIX}retries", delivery_id)
                 continue
-            found.append(Delivery.from_stored(cast(str, raw), self.sealer))
+            try:
+                found.append(Delivery.from_stored(cast(str, raw), self.sealer))
+            except (ValueError, TypeError, ConfigurationError) as exc:  # sealed with another key
+                log.error("delivery.unreadable", delivery_id=delivery_id, error=str(exc)[:300])
         return found
 
     def finish_delivery(self, delivery_id: str) -> None:

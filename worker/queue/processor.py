@@ -71,6 +71,10 @@ class QueueProcessor:
         to_score: dict[str, tuple[Job, int]] = {}
         waiting: dict[str, list[int]] = {}  # job id -> indexes of messages it answers
         for index, (payload, message_id) in enumerate(zip(payloads, ids, strict=True)):
+            copy_of = payload.get("job_id") if isinstance(payload, dict) else None
+            if isinstance(copy_of, str) and copy_of in to_score:  # one more copy in this batch:
+                waiting[copy_of].append(index)  # answered with the first, not another attempt
+                continue
             try:
                 job = self._admit(payload, batch_id, message_id)
             except Exception:
