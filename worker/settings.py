@@ -34,10 +34,14 @@ def _default_cache_dir() -> Path:
     return Path(base) / "moderation-worker"
 
 
-class ModelSettings(BaseModel):
-    """Which OpenCLIP model to load (``WORKER_MODEL__*``)."""
+class Section(BaseModel):
+    """A group of settings (``WORKER_<GROUP>__*``); unknown keys are an error."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(Section):
+    """Which OpenCLIP model to load (``WORKER_MODEL__*``)."""
 
     name: str = Field(
         "ViT-B-32",
@@ -59,10 +63,8 @@ class ModelSettings(BaseModel):
     )
 
 
-class BatchSettings(BaseModel):
+class BatchSettings(Section):
     """Micro-batching (``WORKER_BATCH__*``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     max_size: int = Field(
         DEFAULT_BATCH_SIZE,
@@ -81,10 +83,8 @@ class BatchSettings(BaseModel):
         return self.max_size or DEFAULT_BATCH_SIZE
 
 
-class QueueSettings(BaseModel):
+class QueueSettings(Section):
     """The Celery queue on Redis (``WORKER_QUEUE__*``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field("moderation", description="Queue that score jobs go to.")
     visibility_timeout_s: int = Field(
@@ -104,10 +104,8 @@ class QueueSettings(BaseModel):
     )
 
 
-class DeliverySettings(BaseModel):
+class DeliverySettings(Section):
     """Sink delivery retries (``WORKER_DELIVERY__*``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     backoff_base_s: float = Field(
         2.0, gt=0, description="First retry delay; doubles per attempt, with full jitter."
@@ -130,10 +128,8 @@ class DeliverySettings(BaseModel):
     )
 
 
-class MetricsSettings(BaseModel):
+class MetricsSettings(Section):
     """The worker's HTTP endpoint: /metrics, /livez, /readyz (``WORKER_METRICS__*``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     host: str = Field("0.0.0.0", description="Address the endpoint listens on.")
     port: int = Field(9808, ge=0, le=65535, description="Port; 0 turns the endpoint off.")
@@ -150,10 +146,8 @@ class MetricsSettings(BaseModel):
     )
 
 
-class HttpSettings(BaseModel):
+class HttpSettings(Section):
     """Outbound HTTP for the http(s) source and the webhook sink (``WORKER_HTTP__*``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     connect_timeout_s: float = Field(5.0, gt=0, description="TCP + TLS connect timeout.")
     read_timeout_s: float = Field(10.0, gt=0, description="Longest wait for the next bytes.")
@@ -178,10 +172,8 @@ class HttpSettings(BaseModel):
         return value
 
 
-class S3Settings(BaseModel):
+class S3Settings(Section):
     """S3 and S3-compatible stores (``WORKER_S3__*``); credentials: the standard AWS chain."""
-
-    model_config = ConfigDict(extra="forbid")
 
     endpoint_url: str | None = Field(
         None, description="For S3-compatible stores (MinIO, Ceph, R2...); default AWS."
@@ -194,10 +186,8 @@ class S3Settings(BaseModel):
     read_timeout_s: float = Field(30.0, gt=0, description="Read timeout.")
 
 
-class WebhookSettings(BaseModel):
+class WebhookSettings(Section):
     """Standard Webhooks signing (``WORKER_WEBHOOK__*``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     secret: SecretStr | None = Field(
         None,
@@ -207,10 +197,8 @@ class WebhookSettings(BaseModel):
     timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout per POST.")
 
 
-class ImageSettings(BaseModel):
+class ImageSettings(Section):
     """Guards on untrusted images (``WORKER_IMAGE__*``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     max_bytes: int = Field(25 * 1024 * 1024, ge=1, description="Largest encoded image.")
     max_pixels: int = Field(

@@ -9,7 +9,8 @@ import typer
 
 from worker.cli import evaluate, finetune, ops, plugins, policies, queue
 from worker.cli.classify import classify
-from worker.cli.common import EXIT_FAILED, TRACEBACK_ENV, CliGroup, State, state, stderr
+from worker.cli.common import EXIT_FAILED, TRACEBACK_ENV, State, state, stderr
+from worker.cli.errors import CliGroup
 from worker.documents import json_schemas, write_schemas
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

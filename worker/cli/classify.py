@@ -13,7 +13,8 @@ from typing import Annotated, TextIO
 import typer
 from rich.table import Table
 
-from worker.cli.common import EXIT_FAILED, fail, parse_sink_specs, progress_bar, state, stderr
+from worker.cli.common import EXIT_FAILED, parse_sink_specs, progress_bar, state, stderr
+from worker.cli.errors import fail
 from worker.documents import ImageRef, Result
 from worker.engine import WorkItem
 from worker.errors import ConfigurationError

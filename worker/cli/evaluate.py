@@ -11,15 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from worker.cli.common import (
-    DataOption,
-    exits_on_errors,
-    fail,
-    progress_bar,
-    require_exists,
-    state,
-    stderr,
-)
+from worker.cli.common import DataOption, progress_bar, state, stderr
+from worker.cli.errors import exits_on_errors, fail, require_exists
 from worker.embedding_cache import EmbeddingCache
 from worker.policy import select_policies
 from worker.policy.policyset import CACHE_FILE

@@ -7,15 +7,8 @@ from typing import Annotated
 
 import typer
 
-from worker.cli.common import (
-    DataOption,
-    exits_on_errors,
-    fail,
-    progress_bar,
-    require_exists,
-    state,
-    stderr,
-)
+from worker.cli.common import DataOption, progress_bar, state, stderr
+from worker.cli.errors import exits_on_errors, fail, require_exists
 from worker.policy import select_policies
 from worker.policy.templates import TEMPLATE_SETS
 from worker.runtime import load_configured_model

@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from worker.cli.common import EXIT_FAILED, exits_on_errors, fail, require_redis, state, stderr
+from worker.cli.common import EXIT_FAILED, require_redis, state, stderr
+from worker.cli.errors import exits_on_errors, fail
 from worker.settings import DEFAULT_BATCH_SIZE
 
 

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import TaskID
 from rich.table import Table
 
-from worker.cli.common import exits_on_errors, fail, progress_bar, state, stderr
+from worker.cli.common import progress_bar, state, stderr
+from worker.cli.errors import exits_on_errors, fail
 from worker.errors import PolicyError
 from worker.policy import load_policies
 from worker.runtime import compile_configured, load_configured_model

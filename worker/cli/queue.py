@@ -15,7 +15,6 @@ from worker.cli.classify import expand_sources
 from worker.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILED,
-    fail,
     one_line,
     parse_sink_specs,
     require_broker,
@@ -23,6 +22,7 @@ from worker.cli.common import (
     state,
     stderr,
 )
+from worker.cli.errors import fail
 from worker.documents import ImageRef, Job, SinkConfig
 from worker.redact import redact_text as redact
 

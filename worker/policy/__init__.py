@@ -9,7 +9,8 @@
 | ``heads`` | **pure**: texts -> ensembled heads, ``compile_policy``, ``policy_version`` |
 | ``scoring`` | **pure**: embeddings x heads -> scores (one-vs-background, softmax) |
 | ``templates`` | named template sets |
-| ``loading`` | bounded YAML loading, ``file:line: message`` problems, ``LoadedPolicy`` |
+| ``loading`` | documents -> policies with ``file:line: message`` problems, ``LoadedPolicy`` |
+| ``yaml_reader`` | bounded reading of a policy file: size, text, YAML limits (``MAX_*``) |
 | ``locations`` | a pydantic error -> the YAML line and a human name |
 | ``policyset`` | ``PolicySet`` (compiled policies by name), ``compile_policies`` |
 

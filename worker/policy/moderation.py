@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from worker.documents import Flag, ModerationResult
 from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Section
@@ -26,7 +26,7 @@ from worker.policy.schema import (
     Prompt,
     Severity,
     Strict,
-    require_unique_ids,
+    unique_ids,
 )
 from worker.policy.scoring import one_vs_background
 
@@ -52,11 +52,7 @@ class ModerationPolicy(PolicyBase):
     background: list[Prompt] = Field(min_length=1)
     categories: list[Category] = Field(min_length=1, max_length=MAX_CLASSES)
 
-    @field_validator("categories")
-    @classmethod
-    def _unique_categories(cls, value: list[Category]) -> list[Category]:
-        require_unique_ids(value, "category")
-        return value
+    _unique_categories = unique_ids("categories", "category")
 
     def class_prompts(self) -> dict[str, list[str]]:
         return {c.id: list(c.prompts) for c in self.categories}

@@ -50,6 +50,17 @@ def require_unique_ids(items: Sequence[Any], what: str) -> None:
         seen.add(item.id)
 
 
+def unique_ids(field: str, what: str) -> Any:
+    """A field validator for a policy class: the list ``field`` repeats no ``id`` (a repeat
+    is an error naming the ``what``). Use: ``_unique_tags = unique_ids("tags", "tag")``."""
+
+    def check(cls: Any, value: Sequence[Any]) -> Sequence[Any]:
+        require_unique_ids(value, what)
+        return value
+
+    return field_validator(field)(check)
+
+
 class PolicyBase(Strict):
     """The fields and questions every kind of policy answers."""
 

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from worker.documents import TagScore, TagsResult
 from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Section
 from worker.policy.heads import build_heads, ensemble_texts
-from worker.policy.schema import MAX_CLASSES, PolicyBase, Prompt, Strict, require_unique_ids
+from worker.policy.schema import MAX_CLASSES, PolicyBase, Prompt, Strict, unique_ids
 from worker.policy.scoring import softmax_scores
 
 
@@ -46,11 +46,7 @@ class TagsPolicy(PolicyBase):
             return [{"id": v} if isinstance(v, str) else v for v in value]
         return value
 
-    @field_validator("tags")
-    @classmethod
-    def _unique_tags(cls, value: list[Tag]) -> list[Tag]:
-        require_unique_ids(value, "tag")
-        return value
+    _unique_tags = unique_ids("tags", "tag")
 
     def class_prompts(self) -> dict[str, list[str]]:
         return {t.id: list(t.prompts) for t in self.tags}

@@ -156,18 +156,11 @@ class Deliverer:
         resubmit: Callable[[dict[str, Any]], None] | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
-        self.resubmit = resubmit
-        self.telemetry = telemetry
-        self.jobs = jobs
-        self.dead_letters = dead_letters
-        self.sinks = sinks
+        self.jobs, self.dead_letters, self.sinks = jobs, dead_letters, sinks
         self.default_sinks = list(default_sinks)
-        self.max_attempts = max_attempts
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
-        self.lease_s = lease_s
-        self.concurrency = concurrency
-        self.job_sink_types = job_sink_types
+        self.max_attempts, self.lease_s, self.concurrency = max_attempts, lease_s, concurrency
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.job_sink_types, self.resubmit, self.telemetry = job_sink_types, resubmit, telemetry
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="deliver")
         self._in_flight: dict[Future[bool], Delivery] = {}
         self._lock = threading.Lock()

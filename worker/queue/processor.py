@@ -17,6 +17,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -35,24 +36,16 @@ log = get_logger(__name__)
 PIPELINE_MIN = 16  # batches this large are encoded in two overlapped halves
 
 
+@dataclass
 class QueueProcessor:
     """Scores batches of job payloads; never raises for a bad job."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        jobs: JobStore,
-        dead_letters: DeadLetters,
-        deliverer: Deliverer,
-        max_attempts: int,
-        telemetry: Telemetry | None = None,
-    ) -> None:
-        self.telemetry = telemetry
-        self.engine = engine
-        self.jobs = jobs
-        self.dead_letters = dead_letters
-        self.deliverer = deliverer
-        self.max_attempts = max_attempts
+    engine: Engine
+    jobs: JobStore
+    dead_letters: DeadLetters
+    deliverer: Deliverer
+    max_attempts: int
+    telemetry: Telemetry | None = None
 
     def process(
         self, payloads: Sequence[Any], message_ids: Sequence[str | None] | None = None
@@ -170,9 +163,7 @@ class QueueProcessor:
         """Answer a job without scoring it: an error result, stored for `wait`."""
         item = WorkItem(job.job_id, job.image, job.policies, job.metadata)
         result = self.engine.refuse(item, error)
-        self.jobs.put_result(job.job_id, result.to_json())
-        if self.telemetry is not None:
-            self.telemetry.observe_result(result)
+        self._keep(result)
         log.error(
             "job.refused",
             job_id=job.job_id,
@@ -180,6 +171,12 @@ class QueueProcessor:
             code=error.code,
             error=result.error.message[:300] if result.error else "",
         )
+
+    def _keep(self, result: Result) -> None:
+        """Store a job's final result (for `wait` and idempotency) and count it."""
+        self.jobs.put_result(result.job_id, result.to_json())
+        if self.telemetry is not None:
+            self.telemetry.observe_result(result)
 
     def _score(self, jobs: list[tuple[Job, int]], batch_id: str) -> dict[str, bool]:
         items = [WorkItem(j.job_id, j.image, j.policies, j.metadata) for j, _ in jobs]
@@ -206,10 +203,8 @@ class QueueProcessor:
                 )
                 log.warning("job.retry_scheduled", code=code, delay_s=round(delay, 2))
                 return True
-            self.jobs.put_result(job.job_id, result.to_json())
+            self._keep(result)
             self.jobs.reset_attempts(job.job_id)
-            if self.telemetry is not None:
-                self.telemetry.observe_result(result)
             log.info(
                 "job.scored",
                 status=result.status,
