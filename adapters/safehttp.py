@@ -247,6 +247,9 @@ def request(
                 continue
             data = _read_capped(resp, limits, deadline, url)
             return Response(resp.status, dict(resp.headers), data, current, hops)
+        except urllib3.exceptions.NewConnectionError as exc:  # refused, unreachable (urllib3
+            # 2.x derives it from ConnectTimeoutError, so it must come before timeouts)
+            raise SourceError(f"{url}: cannot connect ({exc})", code="source_unavailable") from None
         except urllib3.exceptions.TimeoutError as exc:
             raise SourceError(f"{url}: timed out ({exc})", code="source_timeout") from None
         except urllib3.exceptions.SSLError as exc:
