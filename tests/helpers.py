@@ -1,10 +1,13 @@
-"""Test helpers: synthetic images and policy files."""
+"""Test helpers: synthetic images and policy files, waiting for a condition."""
 
 from __future__ import annotations
 
 import io
 import random
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image, ImageDraw
 
@@ -15,6 +18,20 @@ COLOURS = {
     "yellow": (230, 210, 30),
 }
 SHAPES = ("circle", "square", "triangle")
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """The first truthy value of ``predicate()``, polled every ``interval`` seconds;
+    AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def shape_image(shape: str, colour: str, size: int = 96, seed: int = 0) -> Image.Image:

@@ -152,3 +152,8 @@ def write_shape_set(
         for path, cls in rows:
             writer.writerow([path, cls, split] if split else [path, cls])
     return csv_path
+
+
+def write_finetune_domain(root: Path) -> Path:
+    """The domain of the finetune tests: 60 *outlined* shapes per colour, labelled by colour."""
+    return write_shape_set(root, per_class=60, style="outline", label="colour", seed=3)

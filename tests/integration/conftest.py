@@ -1,15 +1,12 @@
-"""Real servers for integration tests: redis-server on 127.0.0.1, worker subprocesses."""
+"""Real servers for integration tests: redis-server on 127.0.0.1, worker subprocesses
+(started through `tests.processes`, the one helper for that)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,25 +14,12 @@ from typing import Any
 import pytest
 import redis
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import wait_until
+from tests.integration.servers import free_port
+from tests.processes import REPO, WorkerProcess, python
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+#: wait_until and free_port lived here once: re-exported for tests that import them from here.
+__all__ = ["AWS_ENV", "free_port", "wait_until"]
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +76,7 @@ def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("plugins")
     source = tmp_path_factory.mktemp("plugin-src") / "plugin_pkg"
     shutil.copytree(REPO / "tests" / "plugin_pkg", source)
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    pip = python("-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation")
     subprocess.run(
         [*pip, "--no-index", "--target", str(target), str(source)], check=True, capture_output=True
     )
@@ -125,66 +109,6 @@ def queue_env(
     }
 
 
-def read_events(log_path: Path, name: str | None = None) -> list[dict[str, Any]]:
-    """structlog JSON lines from a worker's log (other lines are skipped)."""
-    events = []
-    if not log_path.exists():
-        return events
-    for line in log_path.read_text(errors="replace").splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if name is None or event.get("event") == name:
-            events.append(event)
-    return events
-
-
-class WorkerProcess:
-    """`worker serve` as a subprocess with its log in a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, args: list[str]) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "serve", *args],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=REPO,
-        )
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        return read_events(self.log_path, name)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"worker exited {self.proc.returncode}:\n{self.log_path.read_text()}"
-                )
-            return bool(self.events("worker.consuming"))
-
-        wait_until(ready, timeout, "worker.consuming")
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-
-    def stop(self, timeout: float = 30) -> int:
-        self.signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            return self.proc.wait(10)
-        finally:
-            self._log.close()
-
-
 @pytest.fixture
 def start_worker(
     queue_env: dict[str, str], tmp_path: Path
@@ -202,23 +126,7 @@ def start_worker(
     yield start
     for worker in started:
         if worker.proc.poll() is None:
-            worker.signal(signal.SIGKILL)
-            worker.proc.wait(10)
-
-
-def run_python(
-    code: str, env: dict[str, str], timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a separate Python process (an upload service, say)."""
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=REPO,
-    )
+            worker.kill()
 
 
 @pytest.fixture(scope="session")
@@ -250,15 +158,3 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
             client.delete_object(Bucket=bucket["Name"], Key=obj["Key"])
         client.delete_bucket(Bucket=bucket["Name"])
     return client
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """`worker ARGS…` in a subprocess with ``env``."""
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )

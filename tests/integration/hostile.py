@@ -13,8 +13,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import kombu
 import redis
+from kombu.connection import Connection
 
 SCORE_TASK = "moderation.score"
 
@@ -25,7 +25,7 @@ def _headers(task: str = SCORE_TASK, **extra: Any) -> dict[str, Any]:
 
 
 def _publish(url: str, queue: str, body: Any, *, serializer: str = "json", **headers: Any) -> None:
-    with kombu.Connection(url) as conn:
+    with Connection(url) as conn:
         conn.Producer().publish(
             body,
             routing_key=queue,

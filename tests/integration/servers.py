@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.processes import python
 
 
 @dataclass
@@ -24,6 +25,8 @@ class Recorded:
 
 #: A handler decides the answer: (status, headers, body) or a callable that writes itself.
 Answer = tuple[int, dict[str, str], bytes]
+#: What the server does for a request: a fixed answer, or a handler that writes its own.
+Route = Answer | Callable[[BaseHTTPRequestHandler], None]
 
 
 @dataclass
@@ -31,12 +34,10 @@ class HttpServer:
     """A threaded HTTP server on ``host`` whose answers are scripted per request."""
 
     host: str = "127.0.0.1"
-    answers: list[Answer | Callable[[BaseHTTPRequestHandler], None]] = field(default_factory=list)
+    answers: list[Route] = field(default_factory=list)
     default: Answer = (200, {}, b"")
     #: Per-path answers (checked before ``answers``): a fixed answer for that path.
-    routes: dict[str, Answer | Callable[[BaseHTTPRequestHandler], None]] = field(
-        default_factory=dict
-    )
+    routes: dict[str, Route] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -144,7 +145,7 @@ def moto_server() -> Iterator[str]:
     """moto's standalone S3 server as a subprocess on 127.0.0.1; yields its URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        python("-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import write_images
-from tests.integration.conftest import WorkerProcess, cli
+from tests.processes import WorkerProcess, cli
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 

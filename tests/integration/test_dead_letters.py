@@ -49,15 +49,20 @@ def _jobs(url: str, key: str | None = None) -> JobStore:
     return JobStore(redis.Redis.from_url(url, decode_responses=True), 3600, Sealer(key))
 
 
+def _text(value: object) -> str:
+    assert isinstance(value, bytes), value  # a client without decode_responses
+    return value.decode()
+
+
 def _everything_in_redis(url: str) -> str:
     client = redis.Redis.from_url(url)
-    dump = []
+    dump: list[str] = []
     for key in client.keys("mw:*"):
         kind = client.type(key)
         if kind == b"hash":
-            dump.extend(v.decode() for v in client.hgetall(key).values())
+            dump.extend(_text(v) for v in client.hgetall(key).values())
         elif kind == b"string":
-            dump.append(client.get(key).decode())
+            dump.append(_text(client.get(key)))
     return "\n".join(dump)
 
 

@@ -19,9 +19,9 @@ import pytest
 import redis
 from standardwebhooks import Webhook
 
-from tests.helpers import write_images
-from tests.integration.conftest import WorkerProcess, cli, run_python, wait_until
+from tests.helpers import wait_until, write_images
 from tests.integration.servers import HttpServer
+from tests.processes import WorkerProcess, cli, run_python
 from worker.sealing import generate_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -41,18 +41,23 @@ def _submit(env: dict[str, str], job: dict[str, object]) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def _text(value: object) -> str:
+    assert isinstance(value, bytes), value  # a client without decode_responses
+    return value.decode()
+
+
 def _redis_dump(url: str) -> str:
     """Every value the worker keeps in Redis (its own keys; the queue is empty by then)."""
     client = redis.Redis.from_url(url)
-    values = []
+    values: list[str] = []
     for key in client.keys("mw:*"):
         kind = client.type(key)
         if kind == b"hash":
-            values.extend(v.decode() for v in client.hgetall(key).values())
+            values.extend(_text(v) for v in client.hgetall(key).values())
         elif kind == b"string":
-            values.append(client.get(key).decode())
+            values.append(_text(client.get(key)))
         elif kind == b"zset":
-            values.extend(m.decode() for m in client.zrange(key, 0, -1))
+            values.extend(_text(m) for m in client.zrange(key, 0, -1))
     return "\n".join(values)
 
 

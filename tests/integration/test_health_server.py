@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from worker.errors import ConfigurationError
-from worker.ops.health import MAX_HEAD_BYTES, MAX_READY_BODY, HealthServer
+from worker.ops.health import MAX_READY_BODY, HealthServer
+from worker.ops.http_server import MAX_HEAD_BYTES
 from worker.ops.telemetry import Telemetry
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]

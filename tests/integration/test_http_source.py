@@ -11,7 +11,7 @@ from PIL import Image
 
 from adapters.http import HttpSource
 from tests.helpers import image_bytes, shape_image
-from tests.integration.servers import HttpServer, endless_body, slow_drip
+from tests.integration.servers import HttpServer, Route, endless_body, slow_drip
 from worker.documents import ImageRef
 from worker.engine import Engine, WorkItem
 from worker.errors import SourceError
@@ -136,7 +136,7 @@ def test_hostile_images_are_errors_and_the_batch_survives(engine: Engine) -> Non
     big = Image.new("1", (20000, 20000))  # 400 megapixels, a tiny PNG
     big_png = image_bytes(big, "PNG")
     sent: list[int] = []
-    routes = {
+    routes: dict[str, Route] = {
         "/bomb.png": (200, {"Content-Type": "image/png"}, big_png),
         "/claims-100mb.png": (200, {"Content-Length": str(100 * 1024 * 1024)}, b""),
         "/streams-100mb.png": endless_body(sent=sent),  # 100 MB without a Content-Length
@@ -147,13 +147,13 @@ def test_hostile_images_are_errors_and_the_batch_survives(engine: Engine) -> Non
             image_bytes(shape_image("square", "blue")),
         ),
     }
-    server = HttpServer("127.0.0.1", routes=routes)  # type: ignore[arg-type]
+    server = HttpServer("127.0.0.1", routes=routes)
     paths = list(routes)
     items = [WorkItem(f"j{i}", ImageRef(uri=server.url(p))) for i, p in enumerate(paths)]
     started = time.monotonic()
     results = {r.job_id: r for r in engine.process(items)}
     elapsed = time.monotonic() - started
-    codes = [results[f"j{i}"].error.code if results[f"j{i}"].error else "ok" for i in range(5)]  # type: ignore[union-attr]
+    codes = [r.error.code if r.error else "ok" for r in (results[f"j{i}"] for i in range(5))]
     assert codes == [
         "image_too_large",
         "image_too_large",
@@ -172,15 +172,16 @@ def test_queue_worker_stays_up_on_hostile_urls(
 ) -> None:
     import json
 
-    from tests.integration.conftest import run_python, wait_until
+    from tests.helpers import wait_until
+    from tests.processes import run_python
 
-    routes = {
+    routes: dict[str, Route] = {
         "/bomb.png": (200, {}, image_bytes(Image.new("1", (20000, 20000)), "PNG")),
         "/claims-100mb.png": (200, {"Content-Length": str(100 * 1024 * 1024)}, b""),
         "/slow.png": slow_drip(total=10_000, interval=0.2),
         "/good.png": (200, {}, image_bytes(shape_image("square", "blue"))),
     }
-    server = HttpServer("127.0.0.1", routes=routes)  # type: ignore[arg-type]
+    server = HttpServer("127.0.0.1", routes=routes)
     env = {
         "WORKER_HTTP__ALLOW_NETWORKS": '["127.0.0.1/32"]',
         "WORKER_HTTP__TOTAL_TIMEOUT_S": "2",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -13,8 +11,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import write_images
-from tests.integration.conftest import WorkerProcess, free_port, run_python, wait_until
+from tests.helpers import wait_until, write_images
+from tests.integration.servers import free_port
+from tests.processes import WorkerProcess, cli, run_python
 
 pytestmark = pytest.mark.integration
 
@@ -82,22 +81,10 @@ def test_metrics_after_ten_jobs(
     assert ready["ready"] is True
     assert ready["redis"]["reachable"] is True
     assert ready["policies"]["valid"] is True
-    health = subprocess.run(
-        [sys.executable, "-m", "worker", "health", "--url", f"http://127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    health = cli(None, "health", "--url", f"http://127.0.0.1:{port}", timeout=60)
     assert health.returncode == 0, health.stderr
     assert json.loads(health.stdout)["ready"] is True
     assert worker.stop() == 0
-    down = subprocess.run(
-        [sys.executable, "-m", "worker", "health", "--url", f"http://127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    down = cli(None, "health", "--url", f"http://127.0.0.1:{port}", timeout=60)
     assert down.returncode == 1
     assert "unreachable" in down.stderr

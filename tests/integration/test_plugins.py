@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_images
-from tests.integration.conftest import WorkerProcess, cli, run_python, wait_until
+from tests.helpers import wait_until, write_images
+from tests.processes import WorkerProcess, cli, run_python
 
 pytestmark = pytest.mark.integration
 

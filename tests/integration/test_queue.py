@@ -7,13 +7,14 @@ import json
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.helpers import write_images
-from tests.integration.conftest import WorkerProcess, cli, read_events, run_python, wait_until
+from tests.helpers import wait_until, write_images
+from tests.processes import WorkerProcess, cli, read_events, run_python
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,7 @@ print(json.dumps(ids))
 
 
 def submit_jobs(
-    env: dict[str, str], paths: list[Path], sinks: list[dict[str, object]], tmp: Path
+    env: dict[str, str], paths: list[Path], sinks: Sequence[Mapping[str, object]], tmp: Path
 ) -> list[str]:
     listing = tmp / "paths.json"
     listing.write_text(json.dumps([str(p) for p in paths]))
@@ -37,7 +38,7 @@ def submit_jobs(
     return list(json.loads(proc.stdout))
 
 
-def result_files(directory: Path) -> dict[str, dict[str, object]]:
+def result_files(directory: Path) -> dict[str, dict[str, Any]]:
     return {p.stem: json.loads(p.read_text()) for p in directory.glob("*.json")}
 
 
@@ -116,7 +117,7 @@ def test_corrupt_image_in_a_batch_of_16(
     wait_until(lambda: len(result_files(out)) == 16, 60, "16 results")
     results = result_files(out)
     assert results[ids[7]]["status"] == "error"
-    assert results[ids[7]]["error"]["code"] == "image_unreadable"  # type: ignore[index]
+    assert results[ids[7]]["error"]["code"] == "image_unreadable"
     assert sum(r["status"] == "ok" for r in results.values()) == 15
     assert [e["size"] for e in worker.events("batch.processed")] == [16]
     assert worker.stop() == 0
@@ -173,7 +174,7 @@ def test_policy_edit_applies_without_restart(
     worker = start_worker(env=env)
     client_env = {**queue_env, **env}
 
-    def score(job_id: str) -> dict[str, object]:
+    def score(job_id: str) -> dict[str, Any]:
         code = (
             "from worker.client import submit, wait\n"
             f"submit({{'job_id': {job_id!r}, 'image': {{'uri': {str(image)!r}}},"
@@ -184,14 +185,14 @@ def test_policy_edit_applies_without_restart(
         assert proc.returncode == 0, proc.stderr
         return dict(json.loads(proc.stdout))
 
-    first = score("before-edit")["policies"]["live"]  # type: ignore[index]
+    first = score("before-edit")["policies"]["live"]
     assert set(first["scores"]) == {"red"}
 
     policy.write_text(POLICY_V1 + "  - id: blue\n    prompts: [a blue shape]\n")
     edited_at = time.monotonic()
     wait_until(lambda: worker.events("policy.reloaded"), 5, "the reload (within 5 s)")
     assert time.monotonic() - edited_at <= 5
-    second = score("after-edit")["policies"]["live"]  # type: ignore[index]
+    second = score("after-edit")["policies"]["live"]
     assert set(second["scores"]) == {"red", "blue"}
     assert second["version"] != first["version"]
     assert second["scores"]["red"] == pytest.approx(first["scores"]["red"], abs=1e-6)
@@ -199,7 +200,7 @@ def test_policy_edit_applies_without_restart(
     policy.write_text(POLICY_V1.replace("prompts: [a red shape]", "prompts: []"))
     rejected = wait_until(lambda: worker.events("policy.rejected"), 5, "the rejection")
     assert any(f"{policy}:7:" in p and "has no prompts" in p for p in rejected[0]["problems"])
-    third = score("after-broken-edit")["policies"]["live"]  # type: ignore[index]
+    third = score("after-broken-edit")["policies"]["live"]
     assert third["version"] == second["version"]
     assert set(third["scores"]) == {"red", "blue"}
     assert worker.stop() == 0

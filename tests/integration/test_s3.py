@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import image_bytes, shape_image
-from tests.integration.conftest import AWS_ENV, WorkerProcess, run_python, wait_until
+from tests.helpers import image_bytes, shape_image, wait_until
+from tests.integration.conftest import AWS_ENV
+from tests.processes import WorkerProcess, run_python
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import urllib3.util.connection
 
+from adapters.addresses import blocked_reason, parse_networks
 from adapters.http import HttpSource
-from adapters.safehttp import blocked_reason, parse_networks
 from worker.errors import SourceError
 from worker.plugins import PluginContext
 from worker.settings import Settings

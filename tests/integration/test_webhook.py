@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from standardwebhooks import Webhook
 
-from tests.helpers import write_images
-from tests.integration.conftest import WorkerProcess, cli, run_python, wait_until
+from tests.helpers import wait_until, write_images
 from tests.integration.servers import HttpServer
+from tests.processes import WorkerProcess, cli, run_python
 
 pytestmark = pytest.mark.integration
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from standardwebhooks import Webhook
 
+from adapters.addresses import blocked_reason, parse_networks
 from adapters.s3 import MAX_TAGS, merge_tags, result_tags
-from adapters.safehttp import blocked_reason, parse_networks
 from adapters.webhook import decode_secret, retry_after_seconds, sign
 from worker.documents import Flag, ImageInfo, ModelInfo, Result
 from worker.errors import PluginError
@@ -123,7 +123,7 @@ def _result(flags: list[tuple[str, str]], labels: list[str]) -> Result:
         image=ImageInfo(uri="s3://b/k.jpg"),
         model=ModelInfo(name="m", pretrained="", fingerprint="f"),
         flags=[
-            Flag(policy="p", category=c, score=0.9, threshold=0.5, action=a, severity="high")  # type: ignore[arg-type]
+            Flag(policy="p", category=c, score=0.9, threshold=0.5, action=a, severity="high")
             for c, a in flags
         ],
         labels=labels,

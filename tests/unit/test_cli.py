@@ -1,34 +1,19 @@
-"""The `worker` command line, run as a real subprocess."""
+"""The `worker` command line, run in-process (typer's CliRunner against the real app)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
 import pytest
 
+from tests.cli_runner import run_cli
 from tests.helpers import GOOD_POLICY_ERRORS, write_images, write_policy
 from worker.documents import SCHEMA_FILES, json_schemas
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
-
-
-def run(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        timeout=240,
-        check=False,
-    )
 
 
 def test_classify_twenty_images_with_two_bad_ones(
@@ -38,7 +23,7 @@ def test_classify_twenty_images_with_two_bad_ones(
     write_images(images, 18)
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF" + os.urandom(300))
     (images / "report.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n")
-    proc = run("classify", str(images / "*"), "--batch-size", "8", env=worker_env)
+    proc = run_cli("classify", str(images / "*"), "--batch-size", "8", env=worker_env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 20
@@ -58,7 +43,7 @@ def test_classify_directory_out_file_and_policy(tmp_path: Path, worker_env: dict
     write_images(tmp_path / "a" / "b", 3, fmt="JPEG")
     (tmp_path / "a" / "notes.txt").write_text("skipped: not an image suffix")
     out = tmp_path / "out.jsonl"
-    proc = run(
+    proc = run_cli(
         "classify", str(tmp_path / "a"), "--policy", "shape-tags", "--out", str(out), env=worker_env
     )
     assert proc.returncode == 0, proc.stderr
@@ -67,7 +52,9 @@ def test_classify_directory_out_file_and_policy(tmp_path: Path, worker_env: dict
     assert len(docs) == 3
     assert all(list(d["policies"]) == ["shape-tags"] for d in docs)
     # Stable job ids: a re-run produces the same ids (sinks overwrite, never duplicate).
-    again = run("classify", f"file://{tmp_path / 'a'}", "--policy", "shape-tags", env=worker_env)
+    again = run_cli(
+        "classify", f"file://{tmp_path / 'a'}", "--policy", "shape-tags", env=worker_env
+    )
     assert [json.loads(x)["job_id"] for x in again.stdout.splitlines()] == [
         d["job_id"] for d in docs
     ]
@@ -77,7 +64,9 @@ def test_classify_exits_1_when_nothing_is_readable(
     tmp_path: Path, worker_env: dict[str, str]
 ) -> None:
     (tmp_path / "x.png").write_bytes(b"nope")
-    proc = run("classify", str(tmp_path / "x.png"), str(tmp_path / "missing.png"), env=worker_env)
+    proc = run_cli(
+        "classify", str(tmp_path / "x.png"), str(tmp_path / "missing.png"), env=worker_env
+    )
     assert proc.returncode == 1
     codes = [json.loads(x)["error"]["code"] for x in proc.stdout.splitlines()]
     assert codes == ["image_unreadable", "source_not_found"]
@@ -85,12 +74,12 @@ def test_classify_exits_1_when_nothing_is_readable(
 
 def test_bad_policy_blocks_check_and_classify(tmp_path: Path, worker_env: dict[str, str]) -> None:
     bad = write_policy(tmp_path / "bad", GOOD_POLICY_ERRORS, "bad.yaml")
-    check = run("policies", "check", str(bad), env=worker_env)
+    check = run_cli("policies", "check", str(bad), env=worker_env)
     assert check.returncode == 1
     expected = f"{bad}:7: category 'weapons': threshold must be between 0 and 1, got 1.5"
     assert expected in check.stderr
     write_images(tmp_path / "imgs", 1)
-    classify = run("classify", str(tmp_path / "imgs"), "--policy", str(bad), env=worker_env)
+    classify = run_cli("classify", str(tmp_path / "imgs"), "--policy", str(bad), env=worker_env)
     assert classify.returncode == 2
     assert expected in classify.stderr
     assert classify.stdout == ""
@@ -99,10 +88,10 @@ def test_bad_policy_blocks_check_and_classify(tmp_path: Path, worker_env: dict[s
 def test_policies_check_and_compile(
     tmp_path: Path, worker_env: dict[str, str], policy_dir: Path
 ) -> None:
-    check = run("policies", "check", env=worker_env)
+    check = run_cli("policies", "check", env=worker_env)
     assert check.returncode == 0, check.stderr
     assert "2 policies in 1 file(s) are valid" in check.stderr
-    first = run("policies", "compile", env=worker_env)
+    first = run_cli("policies", "compile", env=worker_env)
     assert first.returncode == 0, first.stderr
     assert "seconds" in first.stdout
     rows = {
@@ -111,7 +100,7 @@ def test_policies_check_and_compile(
         if line.count("│") > 5
     }
     assert rows["shapes"].split("│")[5].strip() == "42"  # (3 + 1 + 2 prompts) x 7 templates
-    second = run("policies", "compile", env=worker_env)
+    second = run_cli("policies", "compile", env=worker_env)
     rows = {
         line.split("│")[1].strip(): line
         for line in second.stdout.splitlines()
@@ -123,7 +112,7 @@ def test_policies_check_and_compile(
 def test_unloadable_model_is_a_clear_error(tmp_path: Path, worker_env: dict[str, str]) -> None:
     write_images(tmp_path / "imgs", 1)
     env = {**worker_env, "WORKER_MODEL__NAME": f"local-dir:{tmp_path / 'nowhere'}"}
-    proc = run("classify", str(tmp_path / "imgs"), env=env)
+    proc = run_cli("classify", str(tmp_path / "imgs"), env=env)
     assert proc.returncode == 2
     assert "WORKER_MODEL__NAME=local-dir:" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -133,11 +122,11 @@ def test_exported_schemas_are_in_sync() -> None:
     for name, schema in json_schemas().items():
         on_disk = json.loads((SCHEMAS / name).read_text())
         assert on_disk == schema, f"docs/schemas/{name} is stale: run `worker schemas`"
-    assert run("schemas", "--check", "--out", str(SCHEMAS)).returncode == 0
+    assert run_cli("schemas", "--check", "--out", str(SCHEMAS)).returncode == 0
 
 
 @pytest.mark.parametrize("command", [[], ["classify"], ["policies"], ["policies", "check"]])
 def test_help(command: list[str]) -> None:
-    proc = run(*command, "--help")
+    proc = run_cli(*command, "--help")
     assert proc.returncode == 0
     assert "Usage" in proc.stdout

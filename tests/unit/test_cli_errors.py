@@ -12,10 +12,12 @@ import pytest
 import structlog
 from typer.testing import CliRunner
 
+from tests.cli_runner import run_cli
 from tests.helpers import write_images, write_policy
 from worker.cli import app
-from worker.cli.common import TRACEBACK_ENV, redact
-from worker.policy import load_policies
+from worker.cli.common import TRACEBACK_ENV
+from worker.policy import ModerationPolicy, load_policies
+from worker.redact import redact_text as redact
 from worker.tuning.thresholds import float_text, update_thresholds
 
 pytestmark = pytest.mark.fault
@@ -46,13 +48,11 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str, float]:
-    """(exit code, stdout, stderr, seconds) of `worker ARGS…`."""
+    """(exit code, stdout, stderr, seconds) of `worker ARGS…`; an uncaught exception fails."""
     started = time.monotonic()
-    result = CliRunner().invoke(app, list(args), env=env)
+    result = run_cli(*args, env=env)
     seconds = time.monotonic() - started
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"uncaught {result.exception!r}:\n{result.output}")
-    return result.exit_code, result.stdout, result.stderr, seconds
+    return result.returncode, result.stdout, result.stderr, seconds
 
 
 def assert_one_line(code: int, stderr: str, expected_code: int = 2) -> str:
@@ -381,7 +381,8 @@ def test_written_thresholds_keep_their_precision(tmp_path: Path) -> None:
     text, diff = update_thresholds(path, "precise", suggested)
     path.write_text(text)
     [loaded] = load_policies([path])
-    read = {c.id: c.threshold for c in loaded.policy.categories}  # type: ignore[union-attr]
+    assert isinstance(loaded.policy, ModerationPolicy)
+    read = {c.id: c.threshold for c in loaded.policy.categories}
     assert read == {"almost_never": 0.99996, "almost_always": 0.00004, "untouched": 0.25}
     assert "threshold: 0.99996 # high bar" in text  # the comment survives
     assert "threshold: 4.0e-05" in text
@@ -392,4 +393,5 @@ def test_written_thresholds_keep_their_precision(tmp_path: Path) -> None:
         text, _ = update_thresholds(path, "precise", {"untouched": value})
         path.write_text(text)
         [again] = load_policies([path])
-        assert again.policy.categories[2].threshold == value  # type: ignore[union-attr]
+        assert isinstance(again.policy, ModerationPolicy)
+        assert again.policy.categories[2].threshold == value

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import image_bytes, shape_image, write_images
-from worker.documents import ImageRef, Result
+from worker.documents import ImageRef, ModerationResult, Result, TagsResult
 from worker.engine import Engine, WorkItem
 from worker.model import LoadedModel
 from worker.runtime import build_engine
@@ -18,9 +18,9 @@ from worker.settings import Settings
 
 
 @pytest.fixture
-def engine(make_settings: Callable[..., Settings], tiny_model: LoadedModel) -> Engine:
+def engine(make_settings: Callable[..., Settings], tiny_model: LoadedModel) -> Iterator[Engine]:
     eng = build_engine(make_settings(), model=tiny_model)
-    yield eng  # type: ignore[misc]
+    yield eng
     eng.close()
 
 
@@ -36,20 +36,24 @@ def test_results_for_every_policy(engine: Engine, tmp_path: Path) -> None:
         assert result.status == "ok"
         assert set(result.policies) == {"shapes", "shape-tags"}
         mod = result.policies["shapes"]
-        assert set(mod.scores) == {"red", "circle", "blue"}  # type: ignore[union-attr]
-        assert all(0.0 <= s <= 1.0 for s in mod.scores.values())  # type: ignore[union-attr]
+        assert isinstance(mod, ModerationResult)
+        assert set(mod.scores) == {"red", "circle", "blue"}
+        assert all(0.0 <= s <= 1.0 for s in mod.scores.values())
         assert result.image.width == 96
         assert len(result.image.sha256 or "") == 64
         assert result.model.fingerprint == engine.model.fingerprint
         assert {"fetch", "decode", "preprocess", "encode", "score"} <= set(result.timings_ms)
         flagged = {f.category for f in result.flags}
-        assert flagged == {c for c, s in mod.scores.items() if s >= 0.5}  # type: ignore[union-attr]
+        assert flagged == {c for c, s in mod.scores.items() if s >= 0.5}
         tags = result.policies["shape-tags"]
-        assert 1 <= len(tags.tags) <= 3  # type: ignore[union-attr]
-        assert result.labels == [t.tag for t in tags.tags]  # type: ignore[union-attr]
+        assert isinstance(tags, TagsResult)
+        assert 1 <= len(tags.tags) <= 3
+        assert result.labels == [t.tag for t in tags.tags]
 
 
-def test_each_image_is_encoded_once_for_all_policies(engine: Engine, tmp_path: Path) -> None:
+def test_each_image_is_encoded_once_for_all_policies(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     paths = write_images(tmp_path / "imgs", 4)
     calls: list[int] = []
     original = engine.model.encode_images
@@ -58,11 +62,8 @@ def test_each_image_is_encoded_once_for_all_policies(engine: Engine, tmp_path: P
         calls.append(pixels.shape[0])
         return original(pixels)
 
-    engine.model.encode_images = counting  # type: ignore[method-assign]
-    try:
-        engine.process(items_for(paths))
-    finally:
-        engine.model.encode_images = original  # type: ignore[method-assign]
+    monkeypatch.setattr(engine.model, "encode_images", counting)
+    engine.process(items_for(paths))
     assert calls == [4]
 
 
@@ -73,7 +74,9 @@ def test_scores_match_a_direct_computation(engine: Engine, tmp_path: Path) -> No
     pixels = model.preprocess(shape_image("circle", "red", seed=0)).unsqueeze(0)
     compiled = engine.policies.compiled["shapes"]
     direct = compiled.scores(model.encode_images(pixels), model.logit_scale)[0]
-    got = torch.tensor(list(result.policies["shapes"].scores.values()))  # type: ignore[union-attr]
+    section = result.policies["shapes"]
+    assert isinstance(section, ModerationResult)
+    got = torch.tensor(list(section.scores.values()))
     torch.testing.assert_close(got, direct, atol=2e-6, rtol=0)
 
 
@@ -132,13 +135,18 @@ def test_stream_keeps_order_across_batches(engine: Engine, tmp_path: Path) -> No
     batch = engine.process(items_for(paths))
     for a, b in zip(streamed, batch, strict=True):
         # Batch composition changes float summation order: equal to rounding, not bitwise.
+        mod_a, mod_b = a.policies["shapes"], b.policies["shapes"]
+        assert isinstance(mod_a, ModerationResult)
+        assert isinstance(mod_b, ModerationResult)
         for name in ("red", "circle", "blue"):
-            sa = a.policies["shapes"].scores[name]  # type: ignore[union-attr]
-            sb = b.policies["shapes"].scores[name]  # type: ignore[union-attr]
+            sa = mod_a.scores[name]
+            sb = mod_b.scores[name]
             assert sa == pytest.approx(sb, abs=1e-5)
 
 
-def test_encoder_failure_splits_the_batch(engine: Engine, tmp_path: Path) -> None:
+def test_encoder_failure_splits_the_batch(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A batch the encoder rejects is split so only the failing image errors."""
     paths = write_images(tmp_path / "imgs", 4)
     original = engine.model.encode_images
@@ -149,11 +157,8 @@ def test_encoder_failure_splits_the_batch(engine: Engine, tmp_path: Path) -> Non
             raise RuntimeError("CUDA out of memory (simulated)")
         return original(pixels)
 
-    engine.model.encode_images = fragile  # type: ignore[method-assign]
-    try:
-        results = engine.process(items_for(paths))
-    finally:
-        engine.model.encode_images = original  # type: ignore[method-assign]
+    monkeypatch.setattr(engine.model, "encode_images", fragile)
+    results = engine.process(items_for(paths))
     assert [r.status for r in results] == ["ok", "ok", "error", "ok"]
     assert results[2].error is not None
     assert results[2].error.code == "internal_error"

@@ -1,15 +1,14 @@
-"""`worker eval` end to end on a synthetic labelled set with a tiny trained CLIP."""
+"""`worker eval` end to end (in-process) on a synthetic labelled set with a tiny trained
+CLIP."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.cli_runner import run_cli
 from tests.synthetic import write_shape_set
 
 POLICY = """\
@@ -36,17 +35,6 @@ categories:
 """
 
 
-def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-        check=False,
-    )
-
-
 @pytest.fixture
 def eval_env(tmp_path: Path, trained_model_name: str) -> dict[str, str]:
     policies = tmp_path / "policies"
@@ -67,7 +55,7 @@ def test_eval_writes_metrics_report_plots_then_reuses_embeddings(
     data = write_shape_set(tmp_path / "data", per_class=25, style="filled", label="colour")
     out = tmp_path / "eval"
     args = ["eval", "--data", str(data), "--policy", "colours", "--out", str(out)]
-    first = run(eval_env, *args, "--target-precision", "0.8")
+    first = run_cli(*args, "--target-precision", "0.8", env=eval_env)
     assert first.returncode == 1  # 'yellow' and 'purple' are not categories of the policy
     assert "unknown label 'yellow' (25 image(s))" in first.stderr
     assert "model.loaded" not in first.stderr  # refused before the model loads
@@ -76,7 +64,7 @@ def test_eval_writes_metrics_report_plots_then_reuses_embeddings(
     data.write_text(
         "\n".join(r.replace(",yellow", ",").replace(",purple", ",") for r in rows) + "\n"
     )
-    first = run(eval_env, *args, "--target-precision", "0.8")
+    first = run_cli(*args, "--target-precision", "0.8", env=eval_env)
     assert first.returncode == 0, first.stderr
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["images"] == 125  # 75 positives, 50 unlabelled negatives
@@ -94,7 +82,7 @@ def test_eval_writes_metrics_report_plots_then_reuses_embeddings(
     # Add a category: the second run compiles its prompts but encodes no image.
     policy = Path(eval_env["WORKER_POLICY_DIR"]) / "colours.yaml"
     policy.write_text(POLICY + "  - id: yellow\n    prompts: [yellow shape]\n")
-    second = run(eval_env, *args)
+    second = run_cli(*args, env=eval_env)
     assert second.returncode == 0, second.stderr
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["timings"] == {**doc["timings"], "encoded": 0, "cached": 125}
@@ -112,8 +100,7 @@ def test_write_thresholds_changes_only_threshold_values(
     )
     policy = Path(eval_env["WORKER_POLICY_DIR"]) / "colours.yaml"
     before = policy.read_text()
-    proc = run(
-        eval_env,
+    proc = run_cli(
         "eval",
         "--data",
         str(data),
@@ -124,6 +111,7 @@ def test_write_thresholds_changes_only_threshold_values(
         "--target-recall",
         "0.9",
         "--write-thresholds",
+        env=eval_env,
     )
     assert proc.returncode == 0, proc.stderr
     after = policy.read_text()

@@ -3,21 +3,20 @@
 The domain: *outlined* shapes on cluttered backgrounds, labelled by colour. The tiny CLIP
 was pre-trained on *filled* shapes on plain backgrounds, so its zero-shot accuracy there
 is near chance; fine-tuning should lift it well past that.
+
+In-process (typer's CliRunner). A run killed mid-way and resumed needs a real process:
+tests/integration/test_finetune_resume.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.synthetic import write_shape_set
+from tests.cli_runner import run_cli
+from tests.synthetic import write_finetune_domain, write_shape_set
 from worker.errors import DataError
 from worker.policy import LoadedPolicy, load_policy_file
 from worker.tuning.finetune import FinetuneOptions, check_data
@@ -26,24 +25,9 @@ pytestmark = pytest.mark.slow
 EPOCHS = ["--epochs", "20", "--lr", "3e-3", "--batch-size", "32", "--patience", "8"]
 
 
-def worker(
-    env: dict[str, str], *args: str, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **env},
-        check=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def domain(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_shape_set(
-        tmp_path_factory.mktemp("domain"), per_class=60, style="outline", label="colour", seed=3
-    )
+    return write_finetune_domain(tmp_path_factory.mktemp("domain"))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +56,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory, trained_model_name: str, dom
         "WORKER_LOG_FORMAT": "json",
         "WORKER_CACHE_DIR": str(out.parent / "cache"),
     }
-    proc = worker(env, "finetune", "--data", str(domain), "--out", str(out), *EPOCHS)
+    proc = run_cli("finetune", "--data", str(domain), "--out", str(out), *EPOCHS, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -106,7 +90,7 @@ def test_checkpoint_serves_with_a_new_fingerprint(
         tmp_path / "samples", per_class=2, style="outline", label="colour", seed=9
     )
     served = {**env, "WORKER_MODEL__NAME": f"local-dir:{tuned}", "WORKER_POLICY_DIR": str(policies)}
-    proc = worker(served, "classify", str(samples.parent / "images"))
+    proc = run_cli("classify", str(samples.parent / "images"), env=served)
     assert proc.returncode == 0, proc.stderr[-2000:]
     docs = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(docs) == 10
@@ -121,8 +105,7 @@ def test_control_set_bounds_the_wise_alpha(
     tmp_path: Path, env: dict[str, str], domain: Path, control: Path
 ) -> None:
     out = tmp_path / "ckpt"
-    proc = worker(
-        env,
+    proc = run_cli(
         "finetune",
         "--data",
         str(domain),
@@ -133,6 +116,7 @@ def test_control_set_bounds_the_wise_alpha(
         str(control),
         "--control-margin",
         "0.02",
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -148,54 +132,6 @@ def test_control_set_bounds_the_wise_alpha(
     assert best_val in violating
     assert report["alpha"] < best_val["alpha"]
     assert "control" in (out / "report.md").read_text()
-
-
-def test_interrupted_run_resumes_not_restarts(
-    tmp_path: Path, env: dict[str, str], domain: Path
-) -> None:
-    out = tmp_path / "ckpt"
-    log = tmp_path / "first.log"
-    run = ["finetune", "--data", str(domain), "--out", str(out), "--epochs", "6", "--lr", "3e-3"]
-    run += ["--patience", "6"]
-    with log.open("w") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", *run],
-            env={**os.environ, **env},
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 300
-        while '"epoch": 1' not in log.read_text() or "finetune.epoch_saved" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)  # an interruption after the first epoch
-        proc.wait(30)
-    saved = [
-        json.loads(x)
-        for x in log.read_text().splitlines()
-        if x.startswith("{") and "epoch_saved" in x
-    ]
-    assert [e["epoch"] for e in saved][:1] == [1]
-    assert not (out / "report.json").exists()
-
-    again = worker(env, "finetune", "--data", str(domain), "--out", str(out))
-    assert again.returncode == 2
-    assert "add --resume" in again.stderr
-
-    resumed = worker(
-        env,
-        *run,
-        "--resume",
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    events = [json.loads(x) for x in resumed.stderr.splitlines() if x.startswith("{")]
-    assert [e["from_epoch"] for e in events if e["event"] == "finetune.resumed"] == [len(saved) + 1]
-    second_run_epochs = [e["epoch"] for e in events if e["event"] == "finetune.epoch_saved"]
-    assert second_run_epochs[0] == len(saved) + 1  # continued, did not start again at 1
-    report = json.loads((out / "report.json").read_text())
-    assert [e["epoch"] for e in report["history"]["epochs"]] == list(range(1, 7))
-    assert not (out / ".resume").exists()  # cleaned up once finished
 
 
 @pytest.fixture
@@ -257,7 +193,7 @@ def test_bad_data_exits_before_the_model_loads(
     rows = domain.read_text().splitlines()
     data = domain.parent / "with-missing.csv"
     data.write_text("\n".join([*rows, "images/nowhere.png,red"]) + "\n")
-    proc = worker(env, "finetune", "--data", str(data), "--out", str(tmp_path / "out"))
+    proc = run_cli("finetune", "--data", str(data), "--out", str(tmp_path / "out"), env=env)
     assert proc.returncode == 1
     assert f"{data}:{len(rows) + 1}: missing file" in proc.stderr
     assert "model.loaded" not in proc.stderr
@@ -266,8 +202,7 @@ def test_bad_data_exits_before_the_model_loads(
 
 def test_lp_ft_method_runs_and_reports(tmp_path: Path, env: dict[str, str], domain: Path) -> None:
     out = tmp_path / "lpft"
-    proc = worker(
-        env,
+    proc = run_cli(
         "finetune",
         "--data",
         str(domain),
@@ -281,6 +216,7 @@ def test_lp_ft_method_runs_and_reports(tmp_path: Path, env: dict[str, str], doma
         "2",
         "--lr",
         "1e-3",
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

@@ -373,8 +373,10 @@ def test_the_default_model_preprocessing_is_the_shortest_side_kind(
     tiny_model: LoadedModel,
 ) -> None:
     """The bound above assumes open_clip's Resize(S) + CenterCrop(S) pipeline."""
-    assert tiny_model.pil_stage is not None
-    names = [type(step).__name__ for step in tiny_model.pil_stage.transforms]  # type: ignore[attr-defined]
+    from torchvision.transforms import Compose
+
+    assert isinstance(tiny_model.pil_stage, Compose)
+    names = [type(step).__name__ for step in tiny_model.pil_stage.transforms]
     assert names[:2] == ["Resize", "CenterCrop"]
 
 

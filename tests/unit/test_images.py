@@ -5,24 +5,36 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Collection
+from typing import TypedDict, Unpack
 
 import pytest
 from PIL import Image
 
 from tests.helpers import image_bytes, shape_image
 from worker.errors import ImageError
-from worker.images import decode_image
+from worker.images import DecodedImage, decode_image
 
 FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
 
 
-def decode(data: bytes, **kwargs: object) -> object:
-    options: dict[str, object] = {"max_pixels": 10_000_000, "allowed_formats": FORMATS}
+class DecodeOptions(TypedDict, total=False):
+    """The keyword options of :func:`decode_image`."""
+
+    max_pixels: int
+    allowed_formats: Collection[str]
+    draft_size: tuple[int, int] | None
+    max_side: int
+    max_aspect_ratio: float
+
+
+def decode(data: bytes, **kwargs: Unpack[DecodeOptions]) -> DecodedImage:
+    options: DecodeOptions = {"max_pixels": 10_000_000, "allowed_formats": FORMATS}
     options.update(kwargs)
-    return decode_image(data, **options)  # type: ignore[arg-type]
+    return decode_image(data, **options)
 
 
-def code_of(data: bytes, **kwargs: object) -> str:
+def code_of(data: bytes, **kwargs: Unpack[DecodeOptions]) -> str:
     with pytest.raises(ImageError) as info:
         decode(data, **kwargs)
     return info.value.code
@@ -32,15 +44,15 @@ def code_of(data: bytes, **kwargs: object) -> str:
 def test_allowed_formats_decode_to_rgb(fmt: str) -> None:
     img = shape_image("circle", "red", size=80).convert("P" if fmt == "GIF" else "RGB")
     decoded = decode(image_bytes(img, fmt))
-    assert decoded.image.mode == "RGB"  # type: ignore[attr-defined]
-    assert (decoded.width, decoded.height, decoded.format) == (80, 80, fmt)  # type: ignore[attr-defined]
+    assert decoded.image.mode == "RGB"
+    assert (decoded.width, decoded.height, decoded.format) == (80, 80, fmt)
 
 
 def test_rgba_and_greyscale_are_converted() -> None:
     for mode in ("RGBA", "L", "LA", "I;16", "CMYK"):
         img = Image.new(mode, (10, 12))
         fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "I;16" else "PNG")
-        assert decode(image_bytes(img, fmt)).image.mode == "RGB"  # type: ignore[attr-defined]
+        assert decode(image_bytes(img, fmt)).image.mode == "RGB"
 
 
 def test_corrupt_bytes() -> None:
@@ -88,9 +100,9 @@ def test_pixel_cap_is_an_error_before_decoding() -> None:
 def test_jpeg_draft_decodes_large_photos_at_reduced_scale() -> None:
     data = image_bytes(shape_image("circle", "green", size=1024), "JPEG")
     decoded = decode(data, draft_size=(224, 224))
-    assert (decoded.width, decoded.height) == (1024, 1024)  # type: ignore[attr-defined]
-    assert min(decoded.image.size) >= 224  # type: ignore[attr-defined]
-    assert decoded.image.size[0] < 1024  # type: ignore[attr-defined]
+    assert (decoded.width, decoded.height) == (1024, 1024)
+    assert min(decoded.image.size) >= 224
+    assert decoded.image.size[0] < 1024
 
 
 def test_exif_orientation_is_applied() -> None:
@@ -98,4 +110,4 @@ def test_exif_orientation_is_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90°
     data = image_bytes(img, "JPEG", exif=exif.tobytes())
-    assert decode(data).image.size == (20, 40)  # type: ignore[attr-defined]
+    assert decode(data).image.size == (20, 40)

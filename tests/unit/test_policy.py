@@ -178,7 +178,7 @@ def test_policy_round_trips_through_yaml(
         background=background,
         categories=[
             {"id": i, "prompts": ps, "threshold": t, "action": a} for i, ps, t, a in categories
-        ],  # type: ignore[arg-type]
+        ],
     )
     path = tmp_path_factory.mktemp("rt") / "p.yaml"
     with path.open("w") as handle:

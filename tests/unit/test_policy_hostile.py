@@ -22,8 +22,11 @@ from pathlib import Path
 import pytest
 
 from worker.errors import PolicyError, PolicyProblem
-from worker.policy import loading as policy
-from worker.policy.loading import (
+from worker.policy import ModerationPolicy
+from worker.policy import yaml_reader as policy
+from worker.policy.loading import load_policies, load_policy_file, policy_files
+from worker.policy.schema import MAX_CLASSES
+from worker.policy.yaml_reader import (
     MAX_DOCUMENTS,
     MAX_MESSAGE_CHARS,
     MAX_NESTING_DEPTH,
@@ -31,11 +34,7 @@ from worker.policy.loading import (
     MAX_PROBLEMS_PER_FILE,
     MAX_SCALAR_CHARS,
     MAX_YAML_NODES,
-    load_policies,
-    load_policy_file,
-    policy_files,
 )
-from worker.policy.schema import MAX_CLASSES
 
 pytestmark = pytest.mark.fault
 
@@ -141,7 +140,7 @@ categories:
 """
     [loaded] = load_policy_file(write(tmp_path, text))
     mod = loaded.policy
-    assert isinstance(mod, policy.ModerationPolicy)
+    assert isinstance(mod, ModerationPolicy)
     assert [(c.id, c.threshold, c.action) for c in mod.categories] == [
         ("guns", 0.7, "block"),
         ("knives", 0.7, "block"),

