@@ -652,10 +652,17 @@ def test_a_sealed_delivery_is_opened_only_with_the_key(redis_url: str) -> None:
     assert "whsec_abc" not in str(sealed.redis.get("mw:delivery:s-1"))
     assert sealed.claim_deliveries(time.time(), 0.01) == [entry]
 
+    # A worker without the key cannot open it: it says so and skips it, and a readable
+    # delivery claimed in the same call is not held back.
+    plain = Delivery("p-1", {"job_id": "p-1", "image": {"uri": "/b.png"}}, None, 1, "")
     keyless = JobStore(redis.Redis.from_url(redis_url, decode_responses=True), 60)
+    keyless.schedule_delivery(plain, time.time() - 1)
     time.sleep(0.02)
-    with pytest.raises(ValueError, match="WORKER_SECRET_KEY"):
-        keyless.claim_deliveries(time.time(), 5)
+    with capture_logs() as logs:
+        assert keyless.claim_deliveries(time.time(), 5) == [plain]
+    [unreadable] = [e for e in logs if e["event"] == "delivery.unreadable"]
+    assert unreadable["delivery_id"] == "s-1"
+    assert "WORKER_SECRET_KEY" in unreadable["error"]
 
 
 def test_plugin_state_is_shared_through_redis(redis_url: str) -> None:
