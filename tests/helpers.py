@@ -119,3 +119,15 @@ categories:
     prompts: [a gun]
     threshold: 1.5
 """
+
+
+#: The smallest valid moderation policy: one category on line 5.
+ONE_CATEGORY_POLICY = """\
+name: mod
+kind: moderation
+background: [an ordinary photo]
+categories:
+  - id: weapons
+    prompts: [a gun]
+    threshold: 0.6
+"""

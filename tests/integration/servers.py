@@ -165,3 +165,21 @@ def moto_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def redis_values(url: str) -> str:
+    """Every value the worker keeps under ``mw:*`` in the Redis at ``url`` (strings, hash
+    values, sorted-set members), one per line: what a person reading Redis would see."""
+    import redis
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    values: list[str] = []
+    for key in client.keys("mw:*"):
+        kind = client.type(key)
+        if kind == "hash":
+            values.extend(str(v) for v in client.hgetall(key).values())
+        elif kind == "string":
+            values.append(str(client.get(key)))
+        elif kind == "zset":
+            values.extend(str(m) for m in client.zrange(key, 0, -1))
+    return "\n".join(values)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.integration.servers import redis_values
 from worker.client import Client
 from worker.errors import RequeueRefusedError
 from worker.queue.dead_letters import DeadLetter, DeadLetters, requeue
@@ -49,23 +50,6 @@ def _jobs(url: str, key: str | None = None) -> JobStore:
     return JobStore(redis.Redis.from_url(url, decode_responses=True), 3600, Sealer(key))
 
 
-def _text(value: object) -> str:
-    assert isinstance(value, bytes), value  # a client without decode_responses
-    return value.decode()
-
-
-def _everything_in_redis(url: str) -> str:
-    client = redis.Redis.from_url(url)
-    dump: list[str] = []
-    for key in client.keys("mw:*"):
-        kind = client.type(key)
-        if kind == b"hash":
-            dump.extend(_text(v) for v in client.hgetall(key).values())
-        elif kind == b"string":
-            dump.append(_text(client.get(key)))
-    return "\n".join(dump)
-
-
 def test_a_job_that_fails_twice_keeps_both_failures(redis_url: str) -> None:
     store = _store(redis_url)
     store.add(DeadLetter.of("job-1", JOB, 3, "HTTP 500", "deliver", sink=JOB["sinks"][0]))
@@ -94,7 +78,7 @@ def test_secrets_never_reach_the_dead_letter_store(redis_url: str) -> None:
             "job-1", JOB, 3, f"webhook failed with {SECRET}", "deliver", sink=JOB["sinks"][0]
         )
     )
-    dumped = _everything_in_redis(redis_url)
+    dumped = redis_values(redis_url)
     for secret in (SECRET, "deadbeef99", "AKIAXYZ"):
         assert secret not in dumped
     [entry] = store.entries()
@@ -116,7 +100,7 @@ def test_with_a_key_the_sealed_job_is_requeued_whole(redis_url: str) -> None:
     key = generate_key()
     store = _store(redis_url, key)
     store.add(DeadLetter.of("job-1", JOB, 2, "taken 2 times", "score", sealer=store.sealer))
-    dumped = _everything_in_redis(redis_url)
+    dumped = redis_values(redis_url)
     assert SECRET not in dumped
     assert "deadbeef99" not in dumped
     assert requeue(store, _jobs(redis_url), _client(redis_url).submit, "job-1") == "submitted again"
@@ -161,7 +145,7 @@ def test_a_sealed_delivery_keeps_no_secret_at_rest(redis_url: str) -> None:
     store = _jobs(redis_url, generate_key())
     delivery = Delivery("d1", JOB, JOB["sinks"][0], 1, json.dumps({"job_id": "job-1"}))
     store.schedule_delivery(delivery, 0)
-    dumped = _everything_in_redis(redis_url)
+    dumped = redis_values(redis_url)
     assert SECRET not in dumped
     assert "deadbeef99" not in dumped
     [claimed] = store.claim_deliveries(now=1, lease_s=60)

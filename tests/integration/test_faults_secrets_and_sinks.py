@@ -16,11 +16,10 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-import redis
 from standardwebhooks import Webhook
 
 from tests.helpers import wait_until, write_images
-from tests.integration.servers import HttpServer
+from tests.integration.servers import HttpServer, redis_values
 from tests.processes import WorkerProcess, cli, run_python
 from worker.sealing import generate_key
 
@@ -39,26 +38,6 @@ def receiver() -> Iterator[HttpServer]:
 def _submit(env: dict[str, str], job: dict[str, object]) -> None:
     proc = run_python(f"from worker.client import submit\nsubmit({job!r})", env)
     assert proc.returncode == 0, proc.stderr
-
-
-def _text(value: object) -> str:
-    assert isinstance(value, bytes), value  # a client without decode_responses
-    return value.decode()
-
-
-def _redis_dump(url: str) -> str:
-    """Every value the worker keeps in Redis (its own keys; the queue is empty by then)."""
-    client = redis.Redis.from_url(url)
-    values: list[str] = []
-    for key in client.keys("mw:*"):
-        kind = client.type(key)
-        if kind == b"hash":
-            values.extend(_text(v) for v in client.hgetall(key).values())
-        elif kind == b"string":
-            values.append(_text(client.get(key)))
-        elif kind == b"zset":
-            values.extend(_text(m) for m in client.zrange(key, 0, -1))
-    return "\n".join(values)
 
 
 @pytest.mark.parametrize("with_key", [True, False], ids=["sealed", "no-key"])
@@ -98,7 +77,7 @@ def test_job_secrets_never_show_and_requeue_needs_the_key(
         "dlq list": listed.stdout + listed.stderr,
         "result": shown.stdout,
         "worker log": worker.log_path.read_text(),
-        "redis": _redis_dump(env["WORKER_BROKER_URL"]),
+        "redis": redis_values(env["WORKER_BROKER_URL"]),
     }
     for where, text in places.items():
         assert JOB_SECRET not in text, f"the webhook secret shows in the {where}"

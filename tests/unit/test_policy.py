@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
+from tests.helpers import ONE_CATEGORY_POLICY as GOOD
 from tests.helpers import SHAPES_POLICY, write_policy
 from worker.errors import PolicyError
 from worker.policy import (
@@ -19,16 +20,6 @@ from worker.policy import (
     select_policies,
 )
 from worker.policy.templates import TEMPLATE_SETS
-
-GOOD = """\
-name: mod
-kind: moderation
-background: [an ordinary photo]
-categories:
-  - id: weapons
-    prompts: [a gun]
-    threshold: 0.6
-"""
 
 
 def problems_of(tmp_path: Path, text: str) -> list[str]:

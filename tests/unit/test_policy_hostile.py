@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ONE_CATEGORY_POLICY as GOOD
 from worker.errors import PolicyError, PolicyProblem
 from worker.policy import ModerationPolicy
 from worker.policy import yaml_reader as policy
@@ -42,16 +43,6 @@ pytestmark = pytest.mark.fault
 CPU_S = 2.0
 WALL_S = 5.0
 PEAK_BYTES = 50 * 1024 * 1024
-
-GOOD = """\
-name: mod
-kind: moderation
-background: [an ordinary photo]
-categories:
-  - id: weapons
-    prompts: [a gun]
-    threshold: 0.6
-"""
 
 
 def laughs(levels: int = 9, width: int = 9) -> str:
