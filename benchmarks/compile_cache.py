@@ -20,8 +20,9 @@ from worker.model import load_model
 from worker.ops.bench import untrained_checkpoint
 from worker.policy import load_policy_file
 from worker.policy.policyset import compile_policies, open_prompt_cache
+from worker.settings import SHIPPED_POLICY_DIR
 
-POLICY = Path(__file__).resolve().parents[1] / "policies" / "moderation.yaml"
+POLICY = SHIPPED_POLICY_DIR / "moderation.yaml"
 EXTRA = {"id": "extra_category", "prompts": ["a counterfeit banknote", "a fake passport"]}
 
 

@@ -8,6 +8,9 @@ from worker.documents import ImageRef
 from worker.errors import SourceError
 from worker.plugins import Source
 
+# What a directory or glob given to `worker classify|submit|eval` is searched for.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
 
 def uri_scheme(uri: str) -> str:
     """``s3``, ``https``, ``file`` ... or ``""`` for a bare path (``C:\\x`` included)."""

@@ -25,8 +25,8 @@ ENV_PREFIX = "WORKER_"
 CONFIG_FILE_ENV = "WORKER_CONFIG_FILE"
 #: Images per encoder batch unless settings say otherwise (or a GPU was measured).
 DEFAULT_BATCH_SIZE = 32
-#: The policies shipped with the project (``policies/`` beside the ``worker`` package).
-SHIPPED_POLICY_DIR = Path(__file__).resolve().parent.parent / "policies"
+#: The policies shipped inside the package (in the wheel too): used when no directory is set.
+SHIPPED_POLICY_DIR = Path(__file__).resolve().parent / "shipped_policies"
 
 
 def _default_cache_dir() -> Path:

@@ -20,6 +20,7 @@ from worker.policy import (
     select_policies,
 )
 from worker.policy.templates import TEMPLATE_SETS
+from worker.settings import SHIPPED_POLICY_DIR
 
 
 def problems_of(tmp_path: Path, text: str) -> list[str]:
@@ -111,7 +112,7 @@ def test_select_by_name_stem_or_path(tmp_path: Path) -> None:
 
 
 def test_shipped_policies_are_valid_and_complete() -> None:
-    loaded = {p.name: p.policy for p in load_policies([Path("policies")])}
+    loaded = {p.name: p.policy for p in load_policies([SHIPPED_POLICY_DIR])}
     mod, tags = loaded["moderation"], loaded["tags"]
     assert isinstance(mod, ModerationPolicy)
     assert isinstance(tags, TagsPolicy)

@@ -36,6 +36,7 @@ from worker.policy.yaml_reader import (
     MAX_SCALAR_CHARS,
     MAX_YAML_NODES,
 )
+from worker.settings import SHIPPED_POLICY_DIR
 
 pytestmark = pytest.mark.fault
 
@@ -383,7 +384,7 @@ def test_long_unknown_kind_and_bad_id_give_short_messages(tmp_path: Path) -> Non
 
 
 def test_shipped_policies_are_within_every_limit() -> None:
-    shipped = Path(__file__).resolve().parents[2] / "policies"
+    shipped = SHIPPED_POLICY_DIR
     loaded = load_policies([shipped])
     assert {p.name for p in loaded} >= {"moderation", "tags"}
     for file in policy_files(shipped):

@@ -9,7 +9,7 @@ import typer
 
 from worker.cli import evaluate, finetune, ops, plugins, policies, queue
 from worker.cli.classify import classify
-from worker.cli.common import EXIT_FAILED, TRACEBACK_ENV, State, state, stderr
+from worker.cli.common import EXIT_FAILED, TRACEBACK_ENV, State, one_line, state, stderr
 from worker.cli.errors import CliGroup
 from worker.documents import json_schemas, write_schemas
 
@@ -30,6 +30,26 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    """`worker --version`: the package, the model stack and the configured model."""
+    if not value:
+        return
+    import platform
+
+    from worker.about import SERVE_HINT, versions
+    from worker.settings import load_settings
+
+    for name, version in versions().items():
+        typer.echo(f"{name} {version or f'not installed ({SERVE_HINT})'}")
+    typer.echo(f"python {platform.python_version()}")
+    try:
+        model = load_settings().model
+        typer.echo(f"model {model.name} {model.pretrained or ''}".rstrip())
+    except Exception as exc:  # a bad setting must not hide the versions above
+        typer.echo(f"model unknown (the settings do not load: {one_line(str(exc))})")
+    raise typer.Exit()
+
+
 @app.callback()
 def root(
     ctx: typer.Context,
@@ -43,6 +63,15 @@ def root(
         str | None,
         typer.Option("--log-level", help="debug | info | warning | error [default: info]"),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the package, torch, open_clip and model versions and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
 ) -> None:
     if log_level is not None and log_level.strip().lower() not in LOG_LEVELS:
         raise typer.BadParameter(

@@ -16,13 +16,9 @@ from rich.table import Table
 from worker.cli.common import EXIT_FAILED, parse_sink_specs, progress_bar, state, stderr
 from worker.cli.errors import fail
 from worker.documents import ImageRef, Result
-from worker.engine import WorkItem
 from worker.errors import ConfigurationError
-from worker.fetcher import uri_scheme
-from worker.images import IMAGE_SUFFIXES
+from worker.fetcher import IMAGE_SUFFIXES, uri_scheme
 from worker.plugins import PluginContext
-from worker.queue.delivery import SinkCache, deliver_inline
-from worker.runtime import build_engine, resolve_batch_size
 
 GLOB_CHARS = set("*?[")
 
@@ -150,6 +146,12 @@ def classify(
     others are still scored. Exits 0 unless no image at all could be read or a --sink
     delivery failed.
     """
+    # The model stack loads here, not at import: `worker submit` (which shares
+    # expand_sources) and the light client never import torch.
+    from worker.engine import WorkItem
+    from worker.queue.delivery import SinkCache, deliver_inline
+    from worker.runtime import build_engine, resolve_batch_size
+
     settings = state(ctx).settings
     uris = expand_sources(sources)
     require_some_source(uris)

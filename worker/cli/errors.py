@@ -22,6 +22,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from worker.about import SERVE_HINT, missing_serve_module
 from worker.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -89,6 +90,11 @@ def describe(exc: BaseException) -> tuple[int, list[str]] | None:
 
     from worker.errors import DataError
 
+    if (module := missing_serve_module(exc)) is not None:
+        return EXIT_CONFIG, [
+            f"this command needs the model stack, which is not installed here (no module "
+            f"named {module!r}): {SERVE_HINT}"
+        ]
     if isinstance(exc, PolicyError):
         return EXIT_CONFIG, _bounded(None, [str(p) for p in exc.problems])
     if isinstance(exc, ConfigurationError | ModelLoadError):

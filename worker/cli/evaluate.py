@@ -6,25 +6,15 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from worker.cli.common import DataOption, progress_bar, state, stderr
 from worker.cli.errors import exits_on_errors, fail, require_exists
-from worker.embedding_cache import EmbeddingCache
-from worker.policy import select_policies
-from worker.policy.policyset import CACHE_FILE
-from worker.runtime import compile_configured, load_configured_model
-from worker.tuning.datasets import SPLITS, read_labelled, validate
-from worker.tuning.embedder import embed_files
-from worker.tuning.eval_report import category_table_rows, write_report
-from worker.tuning.evaluation import EvalReport, evaluate, policy_scores, summarise
-from worker.tuning.thresholds import update_thresholds, write_atomically
 
 
-def eval_command(
+def eval_command(  # noqa: PLR0915 - the lazy imports of the model stack count as statements
     ctx: typer.Context,
     data: DataOption,
     policy: Annotated[str, typer.Option("--policy", "-p", help="Policy name or YAML path.")],
@@ -58,6 +48,18 @@ def eval_command(
     Writes metrics.json, report.md, pr_curves.png and histograms.png to --out. Image
     embeddings are cached per model, so re-running after a policy edit encodes no image.
     """
+    # The model stack loads here, not at import: `worker --help` and the light client stay fast.
+    import numpy as np
+
+    from worker.embedding_cache import EmbeddingCache
+    from worker.policy import select_policies
+    from worker.policy.policyset import CACHE_FILE
+    from worker.runtime import compile_configured, load_configured_model
+    from worker.tuning.datasets import SPLITS, read_labelled, validate
+    from worker.tuning.embedder import embed_files
+    from worker.tuning.eval_report import write_report
+    from worker.tuning.evaluation import EvalReport, evaluate, policy_scores, summarise
+
     settings = state(ctx).settings
     if target_precision is not None and target_recall is not None:
         fail("give --target-precision or --target-recall, not both")
@@ -133,22 +135,7 @@ def eval_command(
         },
     )
     written = write_report(report, truth, scores, out)
-    table = Table(title=f"{loaded.name} on {len(dataset.examples)} images", title_justify="left")
-    for column in (
-        "category",
-        "positives",
-        "AP",
-        "ROC-AUC",
-        "threshold",
-        "precision",
-        "recall",
-        "FPR",
-        "suggested",
-    ):
-        table.add_column(column, justify="left" if column == "category" else "right")
-    for row in category_table_rows(categories):
-        table.add_row(*row)
-    Console(width=120).print(table)
+    _print_table(f"{loaded.name} on {len(dataset.examples)} images", categories)
     stderr.print(
         f"embedded {len(dataset.examples)} images ({embedded.encoded} encoded, {embedded.cached} "
         f"from the cache); eval took {seconds:.1f} s; wrote {', '.join(str(p) for p in written)}"
@@ -157,7 +144,21 @@ def eval_command(
         _write_back(loaded.path, loaded.name, categories)
 
 
+def _print_table(title: str, categories: list) -> None:  # type: ignore[type-arg]
+    from worker.tuning.eval_report import category_table_rows
+
+    table = Table(title=title, title_justify="left")
+    columns = ("category", "positives", "AP", "ROC-AUC", "threshold", "precision", "recall")
+    for column in (*columns, "FPR", "suggested"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for row in category_table_rows(categories):
+        table.add_row(*row)
+    Console(width=120).print(table)
+
+
 def _write_back(path: Path, name: str, categories: list) -> None:  # type: ignore[type-arg]
+    from worker.tuning.thresholds import update_thresholds, write_atomically
+
     suggestions = {
         c.id: c.suggested_threshold for c in categories if c.suggested_threshold is not None
     }

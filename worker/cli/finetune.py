@@ -9,19 +9,11 @@ import typer
 
 from worker.cli.common import DataOption, progress_bar, state, stderr
 from worker.cli.errors import exits_on_errors, fail, require_exists
-from worker.policy import select_policies
-from worker.policy.templates import TEMPLATE_SETS
-from worker.runtime import load_configured_model
 from worker.settings import DEFAULT_BATCH_SIZE
-from worker.tuning.finetune import (
-    DEFAULT_ALPHAS,
-    STATE_DIR,
-    FinetuneOptions,
-    check_data,
-    run_finetune,
-)
-from worker.tuning.finetune_report import write
-from worker.tuning.trainer import TrainConfig
+
+# The template sets of worker/policy/templates.py, named here so that `--help` does not
+# import open_clip (a test keeps the two in step).
+TEMPLATE_SET_NAMES = ("default", "simple", "scene", "none")
 
 
 def finetune(
@@ -40,7 +32,9 @@ def finetune(
     templates: Annotated[
         str,
         typer.Option(
-            help="Template set for label names without --policy: " + ", ".join(TEMPLATE_SETS) + "."
+            help="Template set for label names without --policy: "
+            + ", ".join(TEMPLATE_SET_NAMES)
+            + "."
         ),
     ] = "simple",
     method: Annotated[
@@ -83,6 +77,20 @@ def finetune(
     then holds an open_clip local-dir checkpoint (serve it with
     WORKER_MODEL__NAME=local-dir:OUT), report.json, report.md and training_curve.png.
     """
+    # The model stack loads here, not at import: `worker --help` and the light client stay fast.
+    from worker.policy import select_policies
+    from worker.policy.templates import TEMPLATE_SETS
+    from worker.runtime import load_configured_model
+    from worker.tuning.finetune import (
+        DEFAULT_ALPHAS,
+        STATE_DIR,
+        FinetuneOptions,
+        check_data,
+        run_finetune,
+    )
+    from worker.tuning.finetune_report import write
+    from worker.tuning.trainer import TrainConfig
+
     settings = state(ctx).settings
     if method not in {"flyp", "lp-ft"}:
         fail(f"--method must be flyp or lp-ft, not {method!r}")

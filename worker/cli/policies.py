@@ -13,8 +13,6 @@ from rich.table import Table
 from worker.cli.common import progress_bar, state, stderr
 from worker.cli.errors import exits_on_errors, fail
 from worker.errors import PolicyError
-from worker.policy import load_policies
-from worker.runtime import compile_configured, load_configured_model
 
 app = typer.Typer(help="Validate and compile policy files.", no_args_is_help=True)
 
@@ -29,6 +27,8 @@ PathsArg = Annotated[
 @app.command()
 def check(ctx: typer.Context, paths: PathsArg = None) -> None:
     """Validate policy files. Prints `file:line: message` per problem and exits 1 on any."""
+    from worker.policy import load_policies  # the model stack: not imported by `--help`
+
     settings = state(ctx).settings
     targets = paths or [settings.policy_dir]
     missing = [p for p in targets if not p.exists()]
@@ -53,6 +53,9 @@ def compile(ctx: typer.Context, paths: PathsArg = None) -> None:
 
     Only prompts not already cached for this model are encoded; prints the time per policy.
     """
+    from worker.policy import load_policies
+    from worker.runtime import compile_configured, load_configured_model
+
     settings = state(ctx).settings
     targets = paths or [settings.policy_dir]
     missing = [p for p in targets if not p.exists()]
