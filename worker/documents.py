@@ -126,6 +126,19 @@ class ImageInfo(BaseModel):
     width: int | None = None
     height: int | None = None
     format: str | None = None
+    frames_scored: int | None = Field(
+        None,
+        description="Animated GIF/WebP/APNG only: how many frames were scored "
+        "(WORKER_IMAGE__MAX_FRAMES, fewer if the pixel budget runs out).",
+    )
+    frames_total: int | None = Field(
+        None,
+        description="Animated images only: the frames in the animation, when known "
+        "(a GIF's frames are counted up to 1000).",
+    )
+    frame_indices: list[int] | None = Field(
+        None, description="Animated images only: the 0-based indices of the frames scored."
+    )
 
 
 class ModelInfo(BaseModel):
@@ -141,6 +154,11 @@ class Flag(BaseModel):
     threshold: float
     action: Literal["flag", "review", "block"]
     severity: Literal["low", "medium", "high", "critical"]
+    frame: int | None = Field(
+        None,
+        description="Animated images only: the 0-based index of the frame whose score "
+        "raised the flag.",
+    )
 
 
 class ModerationResult(BaseModel):

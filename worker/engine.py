@@ -3,6 +3,11 @@
 Fetching, decoding and preprocessing run in a thread pool; :meth:`Engine.stream` keeps the
 next batch preparing while the current one is encoded. Per-job failures become error
 results; one bad image never fails its batch-mates.
+
+An animated image is up to ``max_frames`` frames (:func:`worker.animation.decode_frames`),
+each preprocessed like a still and encoded in the same forward pass as the rest of the
+batch; each policy then pools its frames' scores (``CompiledPolicy.pool_frames``: the
+maximum for moderation, the mean for tags) into one section.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.animation import DEFAULT_MAX_FRAMES, decode_frames
 from worker.documents import (
     ErrorInfo,
     Flag,
@@ -35,11 +41,11 @@ from worker.fetcher import ImageFetcher
 from worker.images import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_SIDE,
-    decode_image,
     install_decompression_bomb_guard,
 )
 from worker.log import get_logger
 from worker.model import LoadedModel
+from worker.policy.compiled import CompiledPolicy, Section
 from worker.policy.policyset import PolicySet
 from worker.redact import redact_text, redact_uri
 
@@ -60,9 +66,13 @@ class WorkItem:
 class Prepared:
     item: WorkItem
     info: ImageInfo
-    pixels: np.ndarray | torch.Tensor | None = None
+    frames: list[np.ndarray | torch.Tensor] = field(default_factory=list)  # model inputs
     error: JobError | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def animated(self) -> bool:
+        return self.info.frame_indices is not None
 
 
 def _ms(since: float) -> float:
@@ -84,6 +94,7 @@ class Engine:
         jpeg_draft: bool = True,
         max_side: int = DEFAULT_MAX_SIDE,
         max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+        max_frames: int = DEFAULT_MAX_FRAMES,
     ) -> None:
         self.model = model
         self.policies = policies  # replaced wholesale on reload; reads see one set or the other
@@ -91,6 +102,7 @@ class Engine:
         self.max_pixels = max_pixels
         self.max_side = max_side
         self.max_aspect_ratio = max_aspect_ratio
+        self.max_frames = max_frames
         self.allowed_formats = frozenset(f.upper() for f in allowed_formats)
         self.draft_size = model.image_size if jpeg_draft else None
         self.workers = decode_workers or os.cpu_count() or 1
@@ -114,33 +126,49 @@ class Engine:
             started = time.perf_counter()
             data = self.fetcher.fetch(item.image)
             prep.timings["fetch"] = _ms(started)
-            started = time.perf_counter()
-            decoded = decode_image(
-                data,
-                max_pixels=self.max_pixels,
-                allowed_formats=self.allowed_formats,
-                draft_size=self.draft_size,
-                max_side=self.max_side,
-                max_aspect_ratio=self.max_aspect_ratio,
-            )
-            prep.info = prep.info.model_copy(
-                update={
-                    "sha256": decoded.sha256,
-                    "width": decoded.width,
-                    "height": decoded.height,
-                    "format": decoded.format,
-                }
-            )
-            prep.timings["decode"] = _ms(started)
-            started = time.perf_counter()
-            prep.pixels = self.model.image_input(decoded.image)
-            prep.timings["preprocess"] = _ms(started)
+            self._decode(prep, data)
         except JobError as exc:
             prep.error = exc
         except Exception as exc:  # a bug or an exotic failure: still one job's error
             log.exception("job.failed", job_id=item.job_id)
             prep.error = JobError(f"{type(exc).__name__}: {exc}", code="internal_error")
         return prep
+
+    def _decode(self, prep: Prepared, data: bytes) -> None:
+        """Decode and preprocess the frames to score, one at a time (a still has one)."""
+        started = time.perf_counter()
+        decoded = decode_frames(
+            data,
+            max_pixels=self.max_pixels,
+            allowed_formats=self.allowed_formats,
+            max_frames=self.max_frames,
+            draft_size=self.draft_size,
+            max_side=self.max_side,
+            max_aspect_ratio=self.max_aspect_ratio,
+        )
+        header = {"sha256": decoded.sha256, "width": decoded.width, "height": decoded.height}
+        prep.info = prep.info.model_copy(update=header | {"format": decoded.format})
+        decode_s, preprocess_s = time.perf_counter() - started, 0.0
+        frames = iter(decoded)
+        while True:
+            started = time.perf_counter()
+            frame = next(frames, None)  # decodes it (and any frame before it)
+            decoded_at = time.perf_counter()
+            decode_s += decoded_at - started
+            if frame is None:
+                break
+            prep.frames.append(self.model.image_input(frame.image))
+            del frame  # only one decoded picture is held at a time
+            preprocess_s += time.perf_counter() - decoded_at
+        if decoded.animated:
+            animation = {
+                "frames_scored": len(decoded.indices),
+                "frames_total": decoded.frames_total,
+                "frame_indices": list(decoded.indices),
+            }
+            prep.info = prep.info.model_copy(update=animation)
+        prep.timings["decode"] = round(decode_s * 1000, 3)
+        prep.timings["preprocess"] = round(preprocess_s * 1000, 3)
 
     # ------------------------------------------------------------------ encoding and scoring
 
@@ -158,28 +186,39 @@ class Engine:
             return self._encode(pixels[:half]) + self._encode(pixels[half:])
 
     def score(self, batch: Sequence[Prepared]) -> list[Result]:
-        """Encode the prepared images of ``batch`` together and score every requested policy."""
+        """Encode the prepared images of ``batch`` together (every frame of every image in
+        one encoder call) and score every requested policy."""
         policies = self.policies  # one snapshot for the whole batch, whatever reloads meanwhile
-        ready = [p for p in batch if p.error is None and p.pixels is not None]
-        good: list[tuple[Prepared, torch.Tensor]] = []
+        ready = [p for p in batch if p.error is None and p.frames]
+        good: list[tuple[Prepared, int]] = []  # and how many frames (embedding rows) it has
+        embeddings: list[torch.Tensor] = []
         if ready:
             started = time.perf_counter()
-            encoded = self._encode([p.pixels for p in ready if p.pixels is not None])
+            encoded = self._encode([pixels for p in ready for pixels in p.frames])
             encode_ms = round(_ms(started) / len(ready), 3)
-            for prep, emb in zip(ready, encoded, strict=True):
+            start = 0
+            for prep in ready:
+                rows = encoded[start : start + len(prep.frames)]
+                start += len(prep.frames)
+                prep.frames = []  # the model inputs are spent
                 prep.timings["encode"] = encode_ms
-                if isinstance(emb, Exception):
-                    prep.error = JobError(f"encoding failed: {emb}", code="internal_error")
+                failed = [e for e in rows if isinstance(e, Exception)]
+                if failed:
+                    prep.error = JobError(f"encoding failed: {failed[0]}", code="internal_error")
                 else:
-                    good.append((prep, emb))
+                    good.append((prep, len(rows)))
+                    embeddings.extend(e for e in rows if isinstance(e, torch.Tensor))
         results: dict[int, Result] = {}
         if good:
             started = time.perf_counter()
-            per_policy = self._score_all(torch.stack([e for _, e in good]), policies)
+            per_policy = self._score_all(torch.stack(embeddings), policies)
             score_ms = round(_ms(started) / len(good), 3)
-            for row, (prep, _) in enumerate(good):
+            start = 0
+            for prep, count in good:
                 prep.timings["score"] = score_ms
-                results[id(prep)] = self._ok_result(prep, row, per_policy, policies)
+                span = range(start, start + count)
+                start += count
+                results[id(prep)] = self._ok_result(prep, span, per_policy, policies)
         return [results.get(id(p)) or self._error_result(p) for p in batch]
 
     def _score_all(
@@ -191,10 +230,22 @@ class Engine:
             out[name] = compiled.scores(embeddings, self.model.logit_scale).cpu().tolist()
         return out
 
+    @staticmethod
+    def _section(
+        compiled: CompiledPolicy[Any], prep: Prepared, frames: list[list[float]]
+    ) -> Section:
+        """One policy's part of one image: a still's scores as they are; an animation's
+        frames pooled by the policy, its flags naming the frame that drove them."""
+        if not prep.animated:
+            return compiled.section(frames[0])
+        values, drivers = compiled.pool_frames(frames)
+        indices = prep.info.frame_indices or []
+        return compiled.section(values, None if drivers is None else [indices[r] for r in drivers])
+
     def _ok_result(
         self,
         prep: Prepared,
-        row: int,
+        rows: range,
         per_policy: dict[str, list[list[float]]],
         policies: PolicySet,
     ) -> Result:
@@ -209,7 +260,8 @@ class Engine:
         flags: list[Flag] = []
         labels: list[tuple[str, float]] = []
         for name in names:
-            section = policies.compiled[name].section(per_policy[name][row])
+            frames = per_policy[name][rows.start : rows.stop]
+            section = self._section(policies.compiled[name], prep, frames)
             results[name] = section.body
             flags.extend(section.flags)
             labels.extend(section.labels)

@@ -17,9 +17,14 @@ a pixel and ordinary photos would score differently), and it would change what
 
 After the checks, decoding holds at most the file's own mode plus the RGB result
 (RGBA/CMYK/``I;16`` are converted before the EXIF rotation, which is applied only when
-there is one); animated GIF/WebP/APNG and multi-page TIFF give their first frame only.
-libwebp needs about 15 bytes a pixel while decoding (two RGBA canvases and a copy), so a
-WebP at the pixel cap costs several times a PNG of the same size.
+there is one). libwebp needs about 15 bytes a pixel while decoding (two RGBA canvases and
+a copy), so a WebP at the pixel cap costs several times a PNG of the same size.
+
+:func:`decode_image` gives the first frame of an animation and the first page of a
+multi-page TIFF or MPO. The later frames of an animated GIF, WebP or APNG are
+:mod:`worker.animation`'s job; it builds on :func:`open_checked` (the header guards),
+:func:`decode_first_frame`, :func:`to_rgb` and :func:`decoding_errors`, and this module
+imports nothing from it.
 """
 
 from __future__ import annotations
@@ -27,16 +32,14 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from worker.errors import ImageError
-
-#: File suffixes taken as images when a directory is listed (classify, labelled data).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 # A truncated file is an error, never a silently half-grey picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -142,7 +145,7 @@ def _orientation(img: Image.Image) -> Image.Transpose | None:
         return None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB; 16-bit greyscale is scaled (Pillow alone would clip it to white)."""
     if img.mode == "RGB":
         return img
@@ -151,16 +154,34 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(
+def _too_large(exc: Exception) -> ImageError:
+    return ImageError(f"image too large: {exc} (WORKER_IMAGE__MAX_PIXELS)", code="image_too_large")
+
+
+@contextmanager
+def decoding_errors() -> Iterator[None]:
+    """Pillow's many exception types while decoding -> an :class:`ImageError` with a code."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _too_large(exc) from None
+    except Exception as exc:
+        raise ImageError(
+            f"corrupt or truncated image data: {exc}", code="image_unreadable"
+        ) from None
+
+
+def open_checked(
     data: bytes,
     *,
     max_pixels: int,
     allowed_formats: Collection[str],
-    draft_size: tuple[int, int] | None = None,
-    max_side: int = DEFAULT_MAX_SIDE,
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
-) -> DecodedImage:
-    """Decode ``data``; ``draft_size`` lets JPEG decode at a reduced scale no smaller than it."""
+    max_side: int,
+    max_aspect_ratio: float,
+) -> tuple[ImageFile.ImageFile, str, str]:
+    """Open ``data`` and check its header: ``(image, format, sha256)``, no pixel decoded."""
     if not data:
         raise ImageError("the file is empty", code="image_unreadable")
     digest = hashlib.sha256(data).hexdigest()
@@ -179,9 +200,7 @@ def decode_image(
     except UnidentifiedImageError:
         raise ImageError("not a recognised image format", code="image_unreadable") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(
-            f"image too large: {exc} (WORKER_IMAGE__MAX_PIXELS)", code="image_too_large"
-        ) from None
+        raise _too_large(exc) from None
     except Exception as exc:  # Pillow raises many types on hostile headers
         raise ImageError(f"cannot read image header: {exc}", code="image_unreadable") from None
     fmt = (img.format or "").upper()
@@ -195,21 +214,45 @@ def decode_image(
     check_dimensions(
         width, height, max_pixels=max_pixels, max_side=max_side, max_aspect_ratio=max_aspect_ratio
     )
-    try:
+    return img, fmt, digest
+
+
+def decode_first_frame(
+    img: Image.Image, fmt: str, draft_size: tuple[int, int] | None, *, keep_open: bool = False
+) -> tuple[Image.Image, Image.Transpose | None]:
+    """Decode the current (first) frame: RGB, EXIF-rotated, and the rotation it took.
+    With ``keep_open`` the result never shares pixels with ``img``, which seeks on."""
+    with decoding_errors():
         if draft_size is not None and fmt == "JPEG":
             img.draft("RGB", draft_size)
         img.load()  # the first frame of an animation or a multi-page TIFF
         method = _orientation(img)
-        rgb = _to_rgb(img)
-        del img
+        rgb = to_rgb(img)
+        if keep_open and rgb is img:
+            rgb = img.copy()
         if method is not None:
             rgb = rgb.transpose(method)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(
-            f"image too large: {exc} (WORKER_IMAGE__MAX_PIXELS)", code="image_too_large"
-        ) from None
-    except Exception as exc:
-        raise ImageError(
-            f"corrupt or truncated image data: {exc}", code="image_unreadable"
-        ) from None
+    return rgb, method
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    allowed_formats: Collection[str],
+    draft_size: tuple[int, int] | None = None,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+) -> DecodedImage:
+    """Decode ``data``; ``draft_size`` lets JPEG decode at a reduced scale no smaller than it."""
+    img, fmt, digest = open_checked(
+        data,
+        max_pixels=max_pixels,
+        allowed_formats=allowed_formats,
+        max_side=max_side,
+        max_aspect_ratio=max_aspect_ratio,
+    )
+    width, height = img.size
+    rgb, _ = decode_first_frame(img, fmt, draft_size)
+    del img
     return DecodedImage(rgb, width, height, fmt, digest)

@@ -96,3 +96,4 @@ def build_engine(
         max_side=settings.image.max_side,
         max_aspect_ratio=settings.image.max_aspect_ratio,
     )
+        max_frames=settings.image.max_frames,

@@ -235,6 +235,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
+    max_frames: int = Field(
+        8,
+        ge=1,
+        description="Frames scored of an animated GIF/WebP/APNG, spread evenly over it "
+        "(1: the first frame only); fewer when frames x canvas would pass max_pixels.",
+    )
         extra="ignore",
         validate_default=True,
     )

@@ -58,8 +58,24 @@ class CompiledPolicy(ABC, Generic[P]):
         numbers results carry and eval measures (one matmul)."""
 
     @abstractmethod
-    def section(self, values: Sequence[float]) -> Section:
-        """One image's class scores -> its part of the result (flags, tags, labels)."""
+    def section(self, values: Sequence[float], frames: Sequence[int] | None = None) -> Section:
+        """One image's class scores -> its part of the result (flags, tags, labels).
+        ``frames``, for an animation, names the frame that gave each class its score."""
+
+    def pool_frames(
+        self, frames: Sequence[Sequence[float]]
+    ) -> tuple[list[float], list[int] | None]:
+        """An animation's class scores, one row per frame scored -> one score per class,
+        and for each class the row it came from (None when no single row gives it).
+
+        The default is the maximum over frames (the first row on a tie): a class is as
+        present as in the frame that shows it most, so content in any scored frame counts
+        and a class's score still depends only on its own heads and the image.
+        """
+        rows = [
+            max(range(len(column)), key=column.__getitem__) for column in zip(*frames, strict=True)
+        ]
+        return [frames[row][cls] for cls, row in enumerate(rows)], rows
 
     @abstractmethod
     def operating_point(self, index: int) -> tuple[float, str]:

@@ -3,7 +3,8 @@
 A category's score for image ``x`` is its probability in a softmax, scaled by the model's
 ``logit_scale``, over that category's head and the background heads only (see
 :func:`worker.policy.scoring.one_vs_background`), so adding, removing or editing another
-category never changes it and thresholds stay valid while the policy grows.
+category never changes it and thresholds stay valid while the policy grows. An animation
+scores each category at its maximum over the frames scored, and a flag names that frame.
 """
 
 from __future__ import annotations
@@ -80,13 +81,14 @@ class CompiledModeration(CompiledPolicy[ModerationPolicy]):
     def scores(self, embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
         return one_vs_background(embeddings, self.matrix, self.num_categories, logit_scale)
 
-    def section(self, values: Sequence[float]) -> Section:
+    def section(self, values: Sequence[float], frames: Sequence[int] | None = None) -> Section:
         scores: dict[str, float] = {}
         flags: list[Flag] = []
-        for category, score in zip(self.policy.categories, values, strict=True):
+        for index, (category, score) in enumerate(zip(self.policy.categories, values, strict=True)):
             scores[category.id] = round(score, SCORE_DIGITS)
             if score >= category.threshold:
-                flags.append(self._flag(category, score))
+                where = {} if frames is None else {"frame": frames[index]}
+                flags.append(self._flag(category, score, **where))
         flags.sort(key=lambda f: f.score, reverse=True)
         return Section(ModerationResult(version=self.version, scores=scores, flags=flags), flags)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -73,7 +74,14 @@ class CompiledTags(CompiledPolicy[TagsPolicy]):
         )
         return [(t, p) for t, p in ranked[: self.policy.top_k] if p >= self.policy.min_score]
 
-    def section(self, values: Sequence[float]) -> Section:
+    def pool_frames(
+        self, frames: Sequence[Sequence[float]]
+    ) -> tuple[list[float], list[int] | None]:
+        """Tags describe the whole animation: each tag's mean over the frames scored, before
+        ``top_k`` and ``min_score`` are applied."""
+        return [math.fsum(column) / len(frames) for column in zip(*frames, strict=True)], None
+
+    def section(self, values: Sequence[float], frames: Sequence[int] | None = None) -> Section:
         kept = self.top(values)
         tags = [TagScore(tag=t, score=round(s, SCORE_DIGITS)) for t, s in kept]
         return Section(TagsResult(version=self.version, tags=tags), labels=kept)

@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from worker.errors import DataError
-from worker.images import IMAGE_SUFFIXES
+from worker.fetcher import IMAGE_SUFFIXES
 
 SPLITS = ("train", "val", "test")
 NONE_LABEL = "none"
