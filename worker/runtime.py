@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 from worker.engine import Engine
 from worker.fetcher import ImageFetcher
+from worker.gpu_claim import CLAIMS_DIR, resolve_auto_device
 from worker.log import get_logger
 from worker.model import LoadedModel, load_model
 from worker.plugins import PluginContext, make_sources
@@ -20,7 +21,8 @@ def load_configured_model(settings: Settings) -> LoadedModel:
     model = load_model(
         settings.model.name,
         settings.model.pretrained,
-        device=settings.device,
+        # auto + several GPUs: the one this process claimed (worker/gpu_claim.py)
+        device=resolve_auto_device(settings.device, settings.cache_dir / CLAIMS_DIR),
         precision=settings.precision,
         download_dir=settings.model.download_dir,
         hub_probe_timeout_s=settings.model.hub_probe_timeout_s,
@@ -94,6 +96,6 @@ def build_engine(
         decode_workers=settings.decode_workers,
         jpeg_draft=settings.image.jpeg_draft,
         max_side=settings.image.max_side,
+        max_frames=settings.image.max_frames,
         max_aspect_ratio=settings.image.max_aspect_ratio,
     )
-        max_frames=settings.image.max_frames,
