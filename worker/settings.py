@@ -321,6 +321,11 @@ class Settings(BaseSettings):
 
 
 def env_name(loc: tuple[int | str, ...]) -> str:
+    task_events: bool = Field(
+        True,
+        description="`worker serve` sends Celery task events, one set per job (uuid = job "
+        "id), for `celery events` and Flower (`-E`); false turns them off.",
+    )
     """The environment variable that sets the field at ``loc`` (``('model','name')`` ->
     ``WORKER_MODEL__NAME``)."""
     parts = [str(p).upper() for p in loc if not isinstance(p, int)]

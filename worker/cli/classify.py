@@ -18,6 +18,7 @@ from worker.cli.errors import fail
 from worker.documents import ImageRef, Result
 from worker.errors import ConfigurationError
 from worker.fetcher import IMAGE_SUFFIXES, uri_scheme
+from worker.log import get_logger, json_logging
 from worker.plugins import PluginContext
 
 GLOB_CHARS = set("*?[")
@@ -81,10 +82,25 @@ def job_id_for(uri: str) -> str:
     return "cli-" + hashlib.sha256(uri.encode()).hexdigest()[:24]
 
 
-def _summary(results: list[Result], seconds: float, sink_failures: list[str]) -> Table:
+def _summary(results: list[Result], seconds: float, sink_failures: list[str]) -> None:
+    """The run's summary on stderr: a table on a terminal, one ``classify.finished`` log
+    event where the logs are JSON lines (one format per run)."""
     ok = sum(r.status == "ok" for r in results)
     errors = Counter(r.error.code for r in results if r.error is not None)
     flags = Counter(f"{f.policy}/{f.category}" for r in results for f in r.flags)
+    rate = len(results) / seconds if seconds > 0 else 0.0
+    if json_logging():
+        get_logger("worker.cli").info(
+            "classify.finished",
+            images=len(results),
+            ok=ok,
+            errors=dict(errors),
+            flags=dict(flags),
+            sink_failures=len(sink_failures),
+            img_per_s=round(rate, 1),
+            seconds=round(seconds, 2),
+        )
+        return
     table = Table(title="classify", show_header=False, title_justify="left")
     table.add_row("images", str(len(results)))
     table.add_row("ok", str(ok))
@@ -92,9 +108,8 @@ def _summary(results: list[Result], seconds: float, sink_failures: list[str]) ->
     table.add_row("flags", ", ".join(f"{c}: {n}" for c, n in flags.most_common()) or "none")
     if sink_failures:
         table.add_row("sink failures", f"{len(sink_failures)}: {sink_failures[0]}")
-    rate = len(results) / seconds if seconds > 0 else 0.0
     table.add_row("throughput", f"{rate:.1f} img/s ({seconds:.1f} s)")
-    return table
+    stderr.print(table)
 
 
 def classify(
@@ -201,6 +216,6 @@ def classify(
             out_file.flush()
         engine.close()
         sinks.close()
-    stderr.print(_summary(results, time.perf_counter() - started, sink_failures))
+    _summary(results, time.perf_counter() - started, sink_failures)
     if not any(r.status == "ok" for r in results) or sink_failures:
         raise typer.Exit(EXIT_FAILED)

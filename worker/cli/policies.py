@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +12,7 @@ from rich.console import Console
 from rich.progress import TaskID
 from rich.table import Table
 
-from worker.cli.common import progress_bar, state, stderr
+from worker.cli.common import progress_bar, state
 from worker.cli.errors import exits_on_errors, fail
 from worker.errors import PolicyError
 
@@ -24,9 +26,25 @@ PathsArg = Annotated[
 ]
 
 
+_LINE_BREAKS = re.compile(r"\s*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+\s*")
+
+
+def problem_line(problem: object) -> str:
+    """``FILE:LINE: message`` on one line, as compilers print it (editors and CI problem
+    matchers read it): no prefix, no markup, no colour, no line break inside."""
+    return _LINE_BREAKS.sub(" ", str(problem)).strip()
+
+
+def _write(line: str) -> None:
+    """One line on stderr as is: never wrapped, highlighted or read as rich markup."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 @app.command()
 def check(ctx: typer.Context, paths: PathsArg = None) -> None:
-    """Validate policy files. Prints `file:line: message` per problem and exits 1 on any."""
+    """Validate policy files. Prints `file:line: message` per problem on stderr and exits 1
+    on any; prints `ok file:line kind 'name'` per valid policy otherwise."""
     from worker.policy import load_policies  # the model stack: not imported by `--help`
 
     settings = state(ctx).settings
@@ -37,14 +55,13 @@ def check(ctx: typer.Context, paths: PathsArg = None) -> None:
     try:
         loaded = load_policies(targets)
     except PolicyError as exc:
-        for problem in exc.problems:
-            stderr.print(f"[red]error[/red] {problem}", soft_wrap=True)
-        stderr.print(f"{len(exc.problems)} problem(s)")
+        for problem in exc.problems:  # nothing else: every line is one problem
+            _write(problem_line(problem))
         raise typer.Exit(1) from None
     files = {p.path for p in loaded}
     for item in loaded:
-        stderr.print(f"ok {item.path}:{item.line} {item.policy.KIND} {item.name!r}")
-    stderr.print(f"{len(loaded)} policies in {len(files)} file(s) are valid")
+        _write(problem_line(f"ok {item.path}:{item.line} {item.policy.KIND} {item.name!r}"))
+    _write(f"{len(loaded)} policies in {len(files)} file(s) are valid")
 
 
 @app.command()

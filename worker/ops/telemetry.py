@@ -13,6 +13,10 @@
 | ``moderation_pending_retries`` | gauge | | scheduled deliveries and resubmissions |
 | ``moderation_model_info`` | info | name, pretrained, fingerprint, device | the model |
 | ``moderation_policy_info`` | gauge (=1) | policy, version | the policies in service |
+
+and prometheus_client's standard collectors for this process: ``process_*`` (resident and
+virtual memory, CPU seconds, open and maximum file descriptors, start time; Linux only),
+``python_info`` and ``python_gc_*``. Under prefork each child serves its own.
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -65,6 +78,9 @@ class Telemetry:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_*: memory, CPU, file descriptors (read per scrape)
+        PlatformCollector(registry=r)  # python_info
+        GCCollector(registry=r)  # python_gc_*
         self.jobs = Counter("moderation_jobs", "Jobs finished.", ["status", "code"], registry=r)
         self.policy_jobs = Counter(
             "moderation_policy_jobs", "Jobs scored per policy.", ["policy"], registry=r

@@ -106,8 +106,9 @@ def create_app(settings: Settings, *, worker: bool = False) -> Celery:
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
         worker_proc_alive_timeout=CHILD_START_TIMEOUT_S,
-        # Bad messages are dead-lettered, never raised into the consumer loop.
-        worker_consumer="worker.queue.intake:GuardedConsumer",
+        # Bad messages are dead-lettered, never raised into the consumer loop (intake);
+        # each job gets its own Celery task events (events).
+        worker_consumer="worker.queue.events:TaskEventsConsumer",
         broker_transport_options={
             "visibility_timeout": settings.queue.visibility_timeout_s,
             "unacked_restore_interval": settings.queue.restore_interval_s,

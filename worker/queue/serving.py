@@ -10,35 +10,45 @@ import errno
 import json
 import os
 import sys
+from typing import Any
 
-from worker.errors import ConfigurationError
+from celery import signals
+
+from worker.errors import ConfigurationError, WorkerError
+from worker.gpu_claim import CLAIMS_DIR, fork_safe_cuda_device_count, resolve_auto_device
+from worker.log import get_logger, json_logging
 from worker.policy import select_policies
 from worker.queue.app import create_app, start
 from worker.queue.service import default_sink_configs
 from worker.settings import Settings
 
+log = get_logger(__name__)
+
 
 def run_worker(settings: Settings, *, pool: str, concurrency: int, name: str | None) -> None:
     """Run a Celery worker on ``settings``' queue until it is told to stop."""
+    if pool == "prefork":  # auto + several GPUs: one claim here, shared by the children
+        claims = settings.cache_dir / CLAIMS_DIR
+        device = resolve_auto_device(settings.device, claims, fork_safe_cuda_device_count)
+        settings = settings.model_copy(update={"device": device})
     app = create_app(settings, worker=True)
     default_sink_configs(settings)
     select_policies([], settings.policy_dir)
-    if pool == "prefork":  # children load their own model; check it loads at all
-        _check_model_in_subprocess(settings)
-    else:
-        try:
-            start(app)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            raise ConfigurationError(
-                f"cannot listen on {settings.metrics.host}:{settings.metrics.port} for "
-                "/metrics and /readyz: the address is in use (set WORKER_METRICS__PORT to a "
-                "free port, or 0 to turn the endpoint off)"
-            ) from None
+    try:
+        _load_model(app, settings, pool)
+    except WorkerError as exc:
+        if not json_logging():
+            raise  # the command line's one `error ...` line
+        # Log lines came first (the model loading): the failure is one more, not plain text.
+        log.error("worker.start_failed", error=str(exc))
+        raise SystemExit(2) from None
+    # Celery installs no log handler or format of its own: worker.log's set-up stays.
+    signals.setup_logging.connect(_keep_our_logging, weak=False, dispatch_uid=__name__)
     app.worker_main(
         [
+            *(["--quiet"] if json_logging() else []),  # no banner on stdout among JSON lines
             "worker",
+            *(["--task-events"] if settings.task_events else []),
             f"--pool={pool}",
             f"--concurrency={concurrency}",
             f"--queues={settings.queue.name}",
@@ -48,6 +58,28 @@ def run_worker(settings: Settings, *, pool: str, concurrency: int, name: str | N
             "--without-mingle",
         ]
     )
+
+
+def _keep_our_logging(**_: Any) -> None:
+    """Celery's ``setup_logging`` signal: with a receiver, Celery leaves logging alone (no
+    handler of its own on the root, ``celery.task`` or multiprocessing loggers), so its
+    records and ours come out in one format (``worker.log.configure_logging``)."""
+
+
+def _load_model(app: Any, settings: Settings, pool: str) -> None:
+    if pool == "prefork":  # children load their own model; check it loads at all
+        _check_model_in_subprocess(settings)
+        return
+    try:
+        start(app)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise ConfigurationError(
+            f"cannot listen on {settings.metrics.host}:{settings.metrics.port} for "
+            "/metrics and /readyz: the address is in use (set WORKER_METRICS__PORT to a "
+            "free port, or 0 to turn the endpoint off)"
+        ) from None
 
 
 _CHECK_MODEL = """
