@@ -25,7 +25,8 @@ cleanup() {
 trap cleanup EXIT
 
 log "building the wheel"
-rm -rf "$WORK/dist"
+# setuptools reuses build/: a module deleted from the tree would still ship from there.
+rm -rf "$WORK/dist" build
 "$VENV_ABS/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" . >/dev/null
 WHEEL=$(ls "$WORK"/dist/moderation_worker-*.whl)
 log "$(basename "$WHEEL")"

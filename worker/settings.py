@@ -102,6 +102,19 @@ class QueueSettings(Section):
         description="How long result documents stay in Redis for `wait` / `worker result`; "
         "also the idempotency window for a job id.",
     )
+    max_jobs_per_message: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Most jobs one packed message (task `moderation.score_jobs`) may carry; "
+        "a message with more, or with none, is dead-lettered whole.",
+    )
+    max_message_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Largest body of a packed message; the client packs within it and sends "
+        "a job too large for it as a one-job message.",
+    )
 
 
 class DeliverySettings(Section):
@@ -222,6 +235,12 @@ class ImageSettings(Section):
         description="Decode JPEGs at a reduced DCT scale no smaller than the model input "
         "(much faster on large photos).",
     )
+    max_frames: int = Field(
+        8,
+        ge=1,
+        description="Frames scored of an animated GIF/WebP/APNG, spread evenly over it "
+        "(1: the first frame only); fewer when frames x canvas would pass max_pixels.",
+    )
 
     @field_validator("allowed_formats")
     @classmethod
@@ -235,12 +254,6 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
-    max_frames: int = Field(
-        8,
-        ge=1,
-        description="Frames scored of an animated GIF/WebP/APNG, spread evenly over it "
-        "(1: the first frame only); fewer when frames x canvas would pass max_pixels.",
-    )
         extra="ignore",
         validate_default=True,
     )
@@ -308,6 +321,11 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto = console on a TTY, JSON lines otherwise."
     )
+    task_events: bool = Field(
+        True,
+        description="`worker serve` sends Celery task events, one set per job (uuid = job "
+        "id), for `celery events` and Flower (`-E`); false turns them off.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -321,11 +339,6 @@ class Settings(BaseSettings):
 
 
 def env_name(loc: tuple[int | str, ...]) -> str:
-    task_events: bool = Field(
-        True,
-        description="`worker serve` sends Celery task events, one set per job (uuid = job "
-        "id), for `celery events` and Flower (`-E`); false turns them off.",
-    )
     """The environment variable that sets the field at ``loc`` (``('model','name')`` ->
     ``WORKER_MODEL__NAME``)."""
     parts = [str(p).upper() for p in loc if not isinstance(p, int)]

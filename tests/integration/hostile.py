@@ -17,6 +17,7 @@ import redis
 from kombu.connection import Connection
 
 SCORE_TASK = "moderation.score"
+SCORE_JOBS_TASK = "moderation.score_jobs"  # a packed message: a list of jobs
 
 
 def _headers(task: str = SCORE_TASK, **extra: Any) -> dict[str, Any]:
@@ -142,8 +143,34 @@ HOSTILE: dict[str, Sender] = {
     "local-sink-outside-roots": lambda u, q, i: _publish(
         u, q, [[_job(i, sinks=[{"type": "local", "path": "/etc/mw-should-not-exist"}])], {}, {}]
     ),
+    # Packed messages (moderation.score_jobs): each kind is answered by one dead letter.
+    "packed-empty-list": lambda u, q, i: _publish(u, q, [[[]], {}, {}], task=SCORE_JOBS_TASK),
+    "packed-million-items": lambda u, q, i: _publish(
+        u, q, [[[0] * 1_000_000], {}, {}], task=SCORE_JOBS_TASK
+    ),
+    "packed-65-jobs": lambda u, q, i: _publish(
+        u, q, [[[_job(i) for _ in range(65)]], {}, {}], task=SCORE_JOBS_TASK
+    ),
+    "packed-jobs-not-a-list": lambda u, q, i: _publish(
+        u, q, [[_job(i)], {}, {}], task=SCORE_JOBS_TASK
+    ),
+    "packed-wrong-kwarg": lambda u, q, i: _publish(
+        u, q, [[], {"job": [_job(i)]}, {}], task=SCORE_JOBS_TASK
+    ),
+    "packed-non-dict-item": lambda u, q, i: _publish(u, q, [[[7]], {}, {}], task=SCORE_JOBS_TASK),
+    "packed-nested-list-item": lambda u, q, i: _publish(
+        u, q, [[[[[_job(i)]]]], {}, {}], task=SCORE_JOBS_TASK
+    ),
+    "packed-invalid-job-beside-a-good-one": lambda u, q, i: _publish(
+        u, q, [[[_job(i), {"image": {}}]], {}, {}], task=SCORE_JOBS_TASK
+    ),
 }
 
 
 def send_hostile(name: str, url: str, queue: str, image: str) -> None:
     HOSTILE[name](url, queue, image)
+
+
+def publish_packed(url: str, queue: str, items: list[Any]) -> None:
+    """One ``moderation.score_jobs`` message carrying ``items`` as they are (any JSON)."""
+    _publish(url, queue, [[items], {}, {}], task=SCORE_JOBS_TASK)

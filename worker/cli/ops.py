@@ -75,8 +75,9 @@ def bench(
     untrained: Annotated[
         str | None,
         typer.Option(
-            help="Measure an untrained copy of this architecture (e.g. ViT-B-32) "
-            "when real weights are not available: speed does not depend on them."
+            help="Measure an untrained copy of this architecture (e.g. ViT-B-32; `tiny`: "
+            "the test suite's 64x64 CLIP) when real weights are not available: speed does "
+            "not depend on them."
         ),
     ] = None,
     images: Annotated[int, typer.Option(min=8, help="Synthetic 640x480 JPEGs to score.")] = 96,
@@ -91,9 +92,59 @@ def bench(
     workdir: Annotated[Path, typer.Option(help="Images, caches and logs go here.")] = Path(
         ".bench"
     ),
+    encoder: Annotated[
+        str,
+        typer.Option(
+            help="clip: the real image encoder. none: a zero-cost stand-in (fixed "
+            "embeddings), so the figure is the queue path's own ceiling in jobs/s."
+        ),
+    ] = "clip",
+    jobs_per_message: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--jobs-per-message",
+            min=1,
+            help="With --encoder none: jobs packed per queue message; repeat to compare "
+            "(default: 1 and 32).",
+        ),
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option(min=1, help="With --encoder none: jobs per round and setting.")
+    ] = 4096,
+    inline: Annotated[
+        bool,
+        typer.Option(
+            help="With --encoder none: jobs carry their image inline (base64); "
+            "--no-inline sends paths to JPEG files instead (the file source reads them)."
+        ),
+    ] = True,
 ) -> None:
     """Measure raw encode_image img/s, `worker classify` img/s and the queue path img/s in one
-    run, with ratios to raw and the per-stage time breakdown."""
+    run, with ratios to raw and the per-stage time breakdown.
+
+    With --encoder none: the queue path's own ceiling (real redis-server, `worker serve`,
+    intake, batching, decode, scoring and result store; the encoder replaced by a stand-in),
+    in jobs/s for each --jobs-per-message, interleaved in one run."""
+    if encoder not in {"clip", "none"}:
+        fail(f"--encoder must be clip or none, not {encoder!r}")
+    if encoder == "none":
+        from worker.cli.ceiling import Ceiling, bench_ceiling
+
+        run = Ceiling(
+            model,
+            untrained,
+            batch_size,
+            rounds,
+            redis_url,
+            workdir,
+            jobs_per_message or [1, 32],
+            jobs,
+            inline,
+        )
+        bench_ceiling(ctx, run)
+        return
+    if jobs_per_message:
+        fail("--jobs-per-message needs --encoder none")
     from worker.model import load_model
     from worker.ops.bench import (
         classify_pipeline,
@@ -102,7 +153,6 @@ def bench(
         raw_encoder,
         redis_server,
         synthetic_photos,
-        untrained_checkpoint,
         worker_process,
     )
     from worker.plugins import PluginContext
@@ -114,21 +164,9 @@ def bench(
         require_redis(redis_url, "--redis-url")
     elif queue and shutil.which("redis-server") is None:
         fail("redis-server is not installed: install it, give --redis-url, or use --no-queue")
-    if untrained:
-        import open_clip
+    from worker.cli.ceiling import model_for_bench
 
-        if open_clip.get_model_config(untrained) is None:
-            fail(f"--untrained: unknown architecture {untrained!r} (e.g. ViT-B-32, RN50)")
-    name = (
-        untrained_checkpoint(untrained, workdir / f"untrained-{untrained}")
-        if untrained
-        else (model or settings.model.name)
-    )
-    pretrained = (
-        None
-        if untrained or name.startswith(("local-dir:", "hf-hub:"))
-        else settings.model.pretrained
-    )
+    name, pretrained = model_for_bench(ctx, model, untrained, workdir)
     paths = synthetic_photos(workdir / "photos", images)
     run_settings = settings.model_copy(
         update={

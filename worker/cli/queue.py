@@ -96,11 +96,21 @@ def submit(
             show_default=False,
         ),
     ] = None,
+    per_message: Annotated[
+        int,
+        typer.Option(
+            "--per-message",
+            min=1,
+            help="Jobs packed into one queue message (task moderation.score_jobs), at most "
+            "WORKER_QUEUE__MAX_JOBS_PER_MESSAGE; 1 sends one plain message per job.",
+        ),
+    ] = 1,
 ) -> None:
     """Enqueue one job per image and print the job ids (or, with --wait, the results).
 
     Local paths are sent as absolute paths: the worker must be allowed to read them
-    (WORKER_FILE_ROOTS).
+    (WORKER_FILE_ROOTS). With --per-message N, up to N jobs travel in one queue message
+    (each keeps its own job id, result and dead-letter entry).
     """
     from worker.client import Client
 
@@ -108,6 +118,11 @@ def submit(
     uris = [u if "://" in u else os.path.abspath(u) for u in expand_sources(sources)]
     if job_id is not None and len(uris) != 1:
         fail(f"--job-id needs exactly one source, not {len(uris)}")
+    if per_message > settings.queue.max_jobs_per_message:
+        fail(
+            f"--per-message {per_message} is over WORKER_QUEUE__MAX_JOBS_PER_MESSAGE "
+            f"({settings.queue.max_jobs_per_message})"
+        )
     sinks = _parse_sinks(sink or [])
     named = {"job_id": job_id} if job_id is not None else {}
     jobs = [
@@ -115,7 +130,7 @@ def submit(
     ]
     require_redis(settings.broker_url)  # before Celery, which would retry for ever
     client = Client(settings)
-    ids = [client.submit(job) for job in jobs]
+    ids = client.submit_many(jobs, per_message)
     if wait_s is None:
         for submitted in ids:
             typer.echo(submitted)

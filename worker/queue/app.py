@@ -6,15 +6,17 @@ Reliability settings (see docs/architecture.md, "Queue"):
 
 - json only, both ways: a pickle message is refused, never deserialised;
 - every message is vetted before the batch task sees it (``worker/queue/intake.py``): one that
-  is not a ``moderation.score`` call with one job object is dead-lettered with its raw
-  body, never raised into the consumer loop;
+  is not a ``moderation.score`` call with one job object, or a ``moderation.score_jobs``
+  call with a list of jobs (a packed message), is dead-lettered with its raw body, never
+  raised into the consumer loop;
 - ``acks_late`` + ``task_reject_on_worker_lost``: a job is acknowledged after its result is
   stored and delivered (or dead-lettered), so a worker that dies mid-batch loses nothing:
   Redis hands its unacknowledged jobs to another worker after the visibility timeout;
 - celery-batches acknowledges every request of a batch when the batch function returns,
   whatever happened; :class:`OutcomeBatches` instead acknowledges the jobs that finished
   and requeues the others;
-- prefetch = batch size, so a batch can fill.
+- prefetch = batch size, so a batch can fill; a batch is flushed when it holds
+  ``flush_every`` *jobs* (a packed message counts as its jobs), or after the wait.
 
 Prefork: the parent only consumes, buffers batches and acknowledges; each child loads its
 own model in ``worker_process_init``. The parent must never run a torch op before the pool
@@ -24,6 +26,7 @@ region), and each child uses its share of the cores for torch's intra-op threads
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -36,6 +39,8 @@ from worker.settings import Settings, load_settings
 
 log = get_logger(__name__)
 SCORE_TASK = "moderation.score"
+#: The packed task: one message, one argument ``jobs``, a list of job documents.
+SCORE_JOBS_TASK = "moderation.score_jobs"
 #: How long a prefork child may take to send its UP message (it loads the model first).
 #: Celery's default of 4 s only applies to children forked after start-up (replacements of
 #: a dead child) and would SIGKILL each of them in turn while it loads.
@@ -48,7 +53,42 @@ class OutcomeBatches(Batches):  # type: ignore[misc]
     A batch function that raises (or a worker that dies) acknowledges nothing: every
     request goes back to the queue, and the per-job attempt counter stops a poison job
     from looping forever.
+
+    ``flush_every`` counts jobs, not messages: celery-batches flushes every
+    ``flush_every``-th request, which with packed messages would be up to
+    ``flush_every × max_jobs_per_message`` images for the encoder. Here each message adds
+    its number of jobs, and the buffer is flushed once it holds ``flush_every`` jobs (so
+    a batch holds at most ``flush_every + max_jobs_per_message - 1``), or after
+    ``flush_interval`` as before.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._jobs_buffered = 0
+        self._count = itertools.repeat(1)
+
+    def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 - Celery's name
+        handler = super().Strategy(task, app, consumer)
+
+        def counting_handler(message: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                jobs = jobs_in(message.payload)
+            except Exception:  # the intake vetted it; whatever it is, it is one request
+                jobs = 1
+            self._jobs_buffered += jobs
+            # celery-batches flushes when next(self._count) % flush_every == 0: never,
+            # unless flush_every is 1 (then every message is a batch anyway).
+            self._count = itertools.repeat(1)
+            handler(message, *args, **kwargs)
+            if self._jobs_buffered >= self.flush_every:
+                self._do_flush()
+
+        return counting_handler
+
+    def _do_flush(self) -> None:
+        self._jobs_buffered = 0  # ETAs are refused at the intake: nothing stays pending
+        super()._do_flush()
+        self._count = itertools.repeat(1)
 
     def flush(self, requests: Any) -> Any:
         requests = list(requests)
@@ -75,6 +115,16 @@ class OutcomeBatches(Batches):  # type: ignore[misc]
             callback=on_return,
             error_callback=on_error,
         )
+
+
+def jobs_in(payload: Any) -> int:
+    """How many jobs a vetted message's decoded body ``[args, kwargs, embed]`` carries."""
+    try:
+        args, kwargs, _ = payload
+        value = args[0] if args else next(iter(kwargs.values()))
+    except (TypeError, ValueError, IndexError, StopIteration):
+        return 1
+    return max(len(value), 1) if isinstance(value, list) else 1
 
 
 def _settings_of(app: Celery) -> Settings:
@@ -115,35 +165,56 @@ def create_app(settings: Settings, *, worker: bool = False) -> Celery:
             "unacked_restore_throttle": 1,
         },
     )
-    app.task(
-        base=OutcomeBatches,
-        bind=True,
-        name=SCORE_TASK,
-        acks_late=True,
-        flush_every=settings.batch.batch_size,
-        flush_interval=max(settings.batch.max_wait_ms, 1) / 1000,
-    )(score_batch)
+    for name in (SCORE_TASK, SCORE_JOBS_TASK):
+        app.task(
+            base=OutcomeBatches,
+            bind=True,
+            name=name,
+            acks_late=True,
+            flush_every=settings.batch.batch_size,
+            flush_interval=max(settings.batch.max_wait_ms, 1) / 1000,
+        )(score_batch)
     return app
 
 
 def send_job(app: Celery, job: dict[str, Any]) -> None:
-    """Put one job (a JSON-ready job document) on the queue: the one place tasks are sent."""
+    """Put one job (a JSON-ready job document) on the queue."""
     settings = _settings_of(app)
     app.send_task(SCORE_TASK, args=[job], queue=settings.queue.name)
 
 
+def send_jobs(app: Celery, jobs: list[Any]) -> None:
+    """Put jobs on the queue as one message: a packed ``moderation.score_jobs`` message,
+    or a plain ``moderation.score`` one for a single job document. With :func:`send_job`,
+    the only places tasks are sent."""
+    if len(jobs) == 1 and isinstance(jobs[0], dict):
+        send_job(app, jobs[0])
+        return
+    settings = _settings_of(app)
+    app.send_task(SCORE_JOBS_TASK, args=[list(jobs)], queue=settings.queue.name)
+
+
 def score_batch(task: Any, requests: list[SimpleRequest]) -> list[bool]:
-    """The batch task: one outcome per request (True = acknowledge)."""
+    """The batch task (both task names): one outcome per request (True = acknowledge).
+
+    The jobs of a packed request are scored in the batch like any other, each on its own;
+    ``BatchOutcome.jobs`` says what became of each job id."""
+    from worker.queue.processor import Message
     from worker.queue.service import current_service
 
     service = current_service() or start(task.app)
-    return service.processor.process(
-        [_payload(r) for r in requests], [getattr(r, "id", None) for r in requests]
-    )
+    packed = task.name == SCORE_JOBS_TASK
+    messages = [Message(getattr(r, "id", None), _payloads(r, packed), packed) for r in requests]
+    outcome = service.processor.process_messages(messages, lambda jobs: send_jobs(task.app, jobs))
+    return outcome.acks
 
 
-def _payload(request: SimpleRequest) -> Any:
-    return request.args[0] if request.args else request.kwargs.get("job")
+def _payloads(request: SimpleRequest, packed: bool) -> list[Any]:
+    """The jobs one request carries (the intake vetted the shapes)."""
+    if not packed:
+        return [request.args[0] if request.args else request.kwargs.get("job")]
+    jobs = request.args[0] if request.args else request.kwargs.get("jobs")
+    return list(jobs) if isinstance(jobs, list) else [jobs]
 
 
 def start(app: Celery) -> Any:
@@ -159,8 +230,10 @@ def start(app: Celery) -> Any:
         log.error("worker.start_failed", error=str(exc))
         raise SystemExit(2) from exc
     # The batch size may have been measured on the GPU: batches and prefetch follow it.
-    app.tasks[SCORE_TASK].flush_every = service.batch_size
+    for name in (SCORE_TASK, SCORE_JOBS_TASK):
+        app.tasks[name].flush_every = service.batch_size
     app.conf.worker_prefetch_multiplier = service.batch_size
+    service.processor.max_batch = service.batch_size
     return service
 
 

@@ -8,22 +8,30 @@ ends the worker, and the message comes back to end the next one):
 - :class:`GuardedRedisTransport` (kombu): an item on the Redis list that is not JSON, or
   JSON that is not a kombu envelope (``LPUSH moderation garbage``);
 - :class:`GuardedConsumer` (Celery): an envelope whose headers or body are not a
-  ``moderation.score`` call with one job object (wrong task name, ``null`` / ``123`` /
-  ``[1]`` bodies, wrong arity, other content types, bodies nested or sized past the
-  limits). Anything the task handler still raises is caught here too.
+  ``moderation.score`` call with one job object, or a ``moderation.score_jobs`` call with
+  a list of 1 to ``WORKER_QUEUE__MAX_JOBS_PER_MESSAGE`` items (wrong task name, ``null`` /
+  ``123`` / ``[1]`` bodies, wrong arity, empty or overlong lists, other content types,
+  bodies nested or sized past the limits). Anything the task handler still raises is
+  caught here too. The items of a packed list are judged one by one by the batch: one that
+  is not a valid job is dead-lettered alone.
 
-The checks themselves are :func:`job_of_message`, a pure function.
+The checks themselves are :func:`vet_message` (:func:`job_of_message`,
+:func:`jobs_of_message`), pure functions. The body they decode is handed to Celery
+(:func:`keep_decoded`), so it is decoded once.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from queue import Empty
 from typing import Any
 
 from celery.worker.consumer import Consumer
 from kombu.transport.redis import Channel, Transport
+from kombu.utils import json as kombu_json
 from kombu.utils.encoding import bytes_to_str
 
 from worker.documents import json_depth
@@ -42,10 +50,11 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def job_of_message(
+def _call_of_message(
     headers: Any, content_type: Any, body: Any, *, task_name: str, max_bytes: int
-) -> dict[str, Any]:
-    """The job object a Celery protocol-2 message carries; MessageRefusedError otherwise."""
+) -> list[Any]:
+    """The decoded body ``[args, kwargs, embed]`` of a Celery protocol-2 call of
+    ``task_name``; MessageRefusedError when the message is not one."""
     if not isinstance(headers, Mapping) or "task" not in headers:
         raise MessageRefusedError("no task header: not a Celery protocol 2 task message")
     task = headers.get("task")
@@ -63,12 +72,7 @@ def job_of_message(
     size = len(body) if isinstance(body, bytes | str) else 0
     if size > max_bytes:
         raise MessageRefusedError(f"body is {size} bytes, over the {max_bytes}-byte message cap")
-    try:
-        decoded = json.loads(body)
-    except RecursionError:
-        raise MessageRefusedError(f"body is nested deeper than {MAX_DEPTH} levels") from None
-    except (TypeError, ValueError) as exc:
-        raise MessageRefusedError(f"body is not JSON: {str(exc)[:200]}") from None
+    decoded = decode_body(body)
     if json_depth(decoded) > MAX_DEPTH:
         raise MessageRefusedError(f"body is nested deeper than {MAX_DEPTH} levels")
     if not (isinstance(decoded, list) and len(decoded) == 3):
@@ -85,15 +89,122 @@ def job_of_message(
         raise MessageRefusedError(f"embed must be an object, got {_kind(embed)}")
     if any((embed or {}).get(key) for key in _EMBED_KEYS):
         raise MessageRefusedError("callbacks, errbacks, chains and chords are not supported")
-    if len(args) + len(kwargs) != 1 or (kwargs and "job" not in kwargs):
+    return decoded
+
+
+def decode_body(body: Any) -> Any:
+    """A message body decoded the way Celery decodes it (kombu's JSON); MessageRefusedError
+    when it is not JSON or nested past what the decoder can hold."""
+    try:
+        return kombu_json.loads(body)
+    except RecursionError:
+        raise MessageRefusedError(f"body is nested deeper than {MAX_DEPTH} levels") from None
+    except (TypeError, ValueError) as exc:
+        raise MessageRefusedError(f"body is not JSON: {str(exc)[:200]}") from None
+
+
+def _one_argument(
+    args: list[Any], kwargs: dict[str, Any], task_name: str, name: str, what: str
+) -> Any:
+    if len(args) + len(kwargs) != 1 or (kwargs and name not in kwargs):
         raise MessageRefusedError(
-            f"{task_name} takes exactly one argument, the job (got {len(args)} positional, "
+            f"{task_name} takes exactly one argument, {what} (got {len(args)} positional, "
             f"keywords {sorted(kwargs)[:5]})"
         )
-    job = args[0] if args else kwargs["job"]
+    return args[0] if args else kwargs[name]
+
+
+def job_of_message(
+    headers: Any, content_type: Any, body: Any, *, task_name: str, max_bytes: int
+) -> dict[str, Any]:
+    """The job object a Celery protocol-2 message carries; MessageRefusedError otherwise."""
+    decoded = _call_of_message(
+        headers, content_type, body, task_name=task_name, max_bytes=max_bytes
+    )
+    return _job_of(decoded, task_name)
+
+
+def _job_of(decoded: list[Any], task_name: str) -> dict[str, Any]:
+    job = _one_argument(decoded[0], decoded[1], task_name, "job", "the job")
     if not isinstance(job, dict):
         raise MessageRefusedError(f"the job must be a JSON object, got {_kind(job)}")
     return job
+
+
+def jobs_of_message(
+    headers: Any, content_type: Any, body: Any, *, task_name: str, max_bytes: int, max_jobs: int
+) -> list[Any]:
+    """The list of jobs a packed message (``moderation.score_jobs``) carries.
+
+    The message as a whole is refused (MessageRefusedError) when it is not such a call, or
+    its list is empty or longer than ``max_jobs``. Its items are not judged here: an item
+    that is not a valid job is dead-lettered on its own by the batch, and the other jobs of
+    the message are scored."""
+    decoded = _call_of_message(
+        headers, content_type, body, task_name=task_name, max_bytes=max_bytes
+    )
+    return _jobs_of(decoded, task_name, max_jobs)
+
+
+def _jobs_of(decoded: list[Any], task_name: str, max_jobs: int) -> list[Any]:
+    jobs = _one_argument(decoded[0], decoded[1], task_name, "jobs", "the list of jobs")
+    if not isinstance(jobs, list):
+        raise MessageRefusedError(f"the jobs must be a JSON list, got {_kind(jobs)}")
+    if not jobs:
+        raise MessageRefusedError("the list of jobs is empty")
+    if len(jobs) > max_jobs:
+        raise MessageRefusedError(
+            f"{len(jobs)} jobs in one message, over the limit of {max_jobs} "
+            "(WORKER_QUEUE__MAX_JOBS_PER_MESSAGE)"
+        )
+    return jobs
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a worker takes: the one-job task, the packed task, their caps."""
+
+    score_task: str
+    packed_task: str
+    max_bytes: int  # a one-job message: one inline image and the job around it
+    packed_max_bytes: int
+    max_jobs: int
+
+    @classmethod
+    def from_settings(cls, settings: Any, score_task: str, packed_task: str) -> Limits:
+        return cls(
+            score_task,
+            packed_task,
+            settings.image.max_bytes * 4 // 3 + 256 * 1024,
+            settings.queue.max_message_bytes,
+            settings.queue.max_jobs_per_message,
+        )
+
+
+def vet_message(
+    headers: Any, content_type: Any, body: Any, limits: Limits
+) -> tuple[list[Any], list[Any]]:
+    """The jobs a message carries (one for ``score_task``, a list for ``packed_task``) and
+    its decoded body; MessageRefusedError when the message is not one of those calls."""
+    task = headers.get("task") if isinstance(headers, Mapping) else None
+    if task == limits.packed_task:
+        decoded = _call_of_message(
+            headers,
+            content_type,
+            body,
+            task_name=limits.packed_task,
+            max_bytes=limits.packed_max_bytes,
+        )
+        return _jobs_of(decoded, limits.packed_task, limits.max_jobs), decoded
+    if isinstance(headers, Mapping) and "task" in headers and task != limits.score_task:
+        raise MessageRefusedError(
+            f"unknown task {str(task)[:100]!r} (this worker runs {limits.score_task} "
+            f"and {limits.packed_task})"
+        )
+    decoded = _call_of_message(
+        headers, content_type, body, task_name=limits.score_task, max_bytes=limits.max_bytes
+    )
+    return [_job_of(decoded, limits.score_task)], decoded
 
 
 def quarantine(letters: DeadLetters, message_id: Any, raw: Any, reason: str) -> DeadLetter:
@@ -138,22 +249,23 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         handle = super().create_task_handler(*args, **kwargs)
-        settings = self.app.conf.moderation_settings
-        from worker.queue.app import SCORE_TASK
+        from worker.queue.app import SCORE_JOBS_TASK, SCORE_TASK
 
-        max_bytes = settings.image.max_bytes * 4 // 3 + 256 * 1024  # inline base64 + job
+        limits = Limits.from_settings(
+            self.app.conf.moderation_settings, SCORE_TASK, SCORE_JOBS_TASK
+        )
 
         def on_task_received(message: Any) -> Any:
             try:
-                job_of_message(
+                _, decoded = vet_message(
                     getattr(message, "headers", None),
                     getattr(message, "content_type", None),
                     getattr(message, "body", None),
-                    task_name=SCORE_TASK,
-                    max_bytes=max_bytes,
+                    limits,
                 )
             except MessageRefusedError as exc:
                 return self._refuse(message, str(exc))
+            keep_decoded(message, decoded)
             try:
                 return handle(message)
             except Exception as exc:
@@ -161,6 +273,16 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
                 return self._refuse(message, f"the worker could not take it: {exc!r}"[:500])
 
         return on_task_received
+
+
+def keep_decoded(message: Any, decoded: Any) -> None:
+    """Hand the body the intake decoded to Celery (kombu's ``Message.payload`` reads this
+    cache), so a message body is decoded once, not twice. Same decoder, same result."""
+    try:
+        if message._decoded_cache is None:
+            message._decoded_cache = decoded
+    except AttributeError:  # not a kombu Message: Celery decodes it itself
+        pass
 
 
 # ---------------------------------------------------------------------------- kombu side
@@ -186,10 +308,29 @@ def envelope_problem(item: Any) -> str | None:
 
 
 class GuardedChannel(Channel):
-    """kombu's Redis channel; an undecodable list item is dead-lettered, not raised."""
+    """kombu's Redis channel; an undecodable list item is dead-lettered, not raised.
 
-    def _decode_item(self, item: bytes, client: Any) -> dict[str, Any] | None:
-        """The envelope in ``item``, or None after dead-lettering it."""
+    It also reuses one synchronous Redis client: kombu builds a new ``redis.Redis`` (about
+    80 µs, mostly its response-callback table) for every ack, every delivery's unacked
+    entry and every event it publishes, several per message. A client on a connection
+    pool is thread-safe and holds no state of its own, so one per channel (and pool)
+    serves them all."""
+
+    _mw_client: Any = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        if client:
+            yield client
+            return
+        cached = self._mw_client
+        if cached is None or cached.connection_pool is not self.pool:  # a new pool: reconnected
+            cached = self._mw_client = self._create_client()
+        yield cached
+
+    def _decode_item(self, item: bytes, client: Any = None) -> dict[str, Any] | None:
+        """The envelope in ``item``, or None after dead-lettering it (with ``client``, or a
+        Redis client made for it: kombu builds a new one per call, so not for every item)."""
         try:
             message = json.loads(bytes_to_str(item))
         except (ValueError, RecursionError, UnicodeDecodeError) as exc:
@@ -203,7 +344,8 @@ class GuardedChannel(Channel):
                     problem = f"message body is not valid base64: {str(exc)[:200]}"
         if problem is None:
             return dict(message)
-        quarantine(DeadLetters(client), None, item, problem)
+        with self.conn_or_acquire(client) as redis_client:
+            quarantine(DeadLetters(redis_client), None, item, problem)
         return None
 
     # The two methods below are kombu 5.x's own (kombu/transport/redis.py), with its
@@ -220,8 +362,7 @@ class GuardedChannel(Channel):
             dest, item = dest__item
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            with self.conn_or_acquire() as client:
-                message = self._decode_item(item, client)
+            message = self._decode_item(item)
             if message is not None:
                 self.connection._deliver(message, dest)
             return True

@@ -37,6 +37,28 @@ for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
 return due
 """
 
+# A batch's admission in one command: KEYS = attempts and result key of each job, in pairs;
+# INCR + EXPIRE (ARGV[1] seconds) each counter, and return [count, stored result] pairs.
+_TAKE_ATTEMPTS = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  out[#out + 1] = redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+  out[#out + 1] = redis.call('GET', KEYS[i + 1])
+end
+return out
+"""
+
+# A batch's results in one command: KEYS = result and attempts key of each job, in pairs;
+# ARGV[1] = the result TTL, ARGV[2..] = the results in the same order.
+_FINISH_JOBS = """
+for i = 1, #KEYS, 2 do
+  redis.call('SET', KEYS[i], ARGV[(i + 1) / 2 + 1], 'EX', ARGV[1])
+  redis.call('DEL', KEYS[i + 1])
+end
+return #KEYS / 2
+"""
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -87,6 +109,8 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self.sealer = sealer
         self._claim = client.register_script(_CLAIM)
+        self._take = client.register_script(_TAKE_ATTEMPTS)
+        self._finish = client.register_script(_FINISH_JOBS)
 
     @classmethod
     def from_settings(cls, settings: Any) -> JobStore:
@@ -112,6 +136,27 @@ class JobStore:
         pipe.expire(key, ATTEMPTS_TTL_S)
         count, _ = pipe.execute()
         return int(count)
+
+    def take_attempts(self, job_ids: list[str]) -> list[tuple[int, str | None]]:
+        """For a whole batch in one command: count one more attempt at each job and read
+        its stored result. Returns ``(attempt, result JSON or None)`` per job id."""
+        if not job_ids:
+            return []
+        keys = []
+        for job_id in job_ids:
+            keys += [f"{PREFIX}attempts:{job_id}", f"{PREFIX}result:{job_id}"]
+        replies = cast(list[Any], self._take(keys=keys, args=[ATTEMPTS_TTL_S]))
+        return [(int(replies[i]), replies[i + 1]) for i in range(0, len(replies), 2)]
+
+    def finish_jobs(self, results: list[tuple[str, str]]) -> None:
+        """Store the final result of each ``(job_id, result JSON)`` and reset its attempt
+        counter, for a whole batch in one command."""
+        if not results:
+            return
+        keys = []
+        for job_id, _ in results:
+            keys += [f"{PREFIX}result:{job_id}", f"{PREFIX}attempts:{job_id}"]
+        self._finish(keys=keys, args=[self.result_ttl_s, *(text for _, text in results)])
 
     def attempts(self, job_id: str) -> int:
         return int(self.redis.get(f"{PREFIX}attempts:{job_id}") or 0)
