@@ -2,9 +2,10 @@
 
 Events are ``noun.past_verb`` with fields (``log.info("job.scored", job_id=..., ms=...)``).
 
-Everything that logs goes through one handler on the stdlib root logger, whose
-``structlog.stdlib.ProcessorFormatter`` renders it: our structlog events, and the stdlib
-records of Celery, kombu, boto3, urllib3 and Python's warnings (``py.warnings``) alike.
+Our structlog events are rendered by structlog straight to stderr (a per-job event costs
+no trip through the stdlib's logging machinery); the stdlib records of Celery, kombu,
+boto3, urllib3 and Python's warnings (``py.warnings``) go through one handler on the root
+logger whose ``structlog.stdlib.ProcessorFormatter`` renders them with the same renderer.
 So a run writes either JSON lines or console lines to stderr, never a mix of both.
 Third-party loggers stay at WARNING (their INFO chatter repeats our own events).
 """
@@ -13,20 +14,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal
+from typing import Literal
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
-#: The stdlib logger our structlog events are handed to (filtering is structlog's).
-EVENTS_LOGGER = "moderation_worker"
 
 _json = False
-
-
-def _events_logger(*_: Any) -> logging.Logger:
-    return logging.getLogger(EVENTS_LOGGER)
 
 
 def configure_logging(
@@ -57,10 +52,10 @@ def configure_logging(
             timestamper,
             structlog.processors.StackInfoRenderer(),
             *exceptions,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=_events_logger,
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -82,10 +77,10 @@ def configure_logging(
     root.addHandler(handler)
     # Third-party libraries log through the stdlib; keep them quiet unless asked.
     root.setLevel(max(numeric, logging.WARNING))
-    ours = logging.getLogger(EVENTS_LOGGER)
-    ours.setLevel(logging.DEBUG)  # structlog has filtered by level already
-    ours.propagate = True
-    logging.captureWarnings(True)  # warnings.warn(...) -> py.warnings -> the same handler
+    # warnings.warn(...) -> py.warnings -> the same handler. Off first: captureWarnings(True)
+    # does nothing when it thinks it is already on, even if showwarning was replaced since.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
 
 
 def json_logging() -> bool:

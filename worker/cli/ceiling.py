@@ -54,11 +54,13 @@ class Ceiling:
     per_message: list[int]
     jobs: int
     inline: bool
+    decode: bool = True
 
 
 def bench_ceiling(ctx: typer.Context, run: Ceiling) -> None:
     """`worker bench --encoder none`: the queue path's jobs/s with 1, 32, … jobs/message."""
     from worker.ops.bench import (
+        DECODE_ENV,
         ceiling_round,
         input_side,
         input_size_images,
@@ -93,6 +95,7 @@ def bench_ceiling(ctx: typer.Context, run: Ceiling) -> None:
         # No encoder: the torch ops left are small, and OpenMP threads spinning beside the
         # decode threads only cost (a GPU host runs them on the GPU).
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        DECODE_ENV: "1" if run.decode else "0",
     }
     sizes = list(dict.fromkeys(run.per_message))
     measured: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
@@ -121,7 +124,12 @@ def bench_ceiling(ctx: typer.Context, run: Ceiling) -> None:
         "pipeline ceiling: the GPU's part (batch normalisation, image encoder) replaced by a "
         f"zero-cost stand-in (fixed embeddings); model {label} for preprocessing and "
         f"policies; batch {run.batch_size}; {run.jobs} jobs per round; images: {images_text} "
-        f"(fetch and decode real, no resize needed); 1 worker (solo pool, "
+        + (
+            "(fetch and decode real, no resize needed)"
+            if run.decode
+            else "(fetched and hashed; decode and preprocessing taken out: a fixed model input)"
+        )
+        + "; 1 worker (solo pool, "
         f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}); medians of {run.rounds} round(s)"
     )
     print_ceiling(console, measured)

@@ -118,6 +118,14 @@ def bench(
             "--no-inline sends paths to JPEG files instead (the file source reads them)."
         ),
     ] = True,
+    decode: Annotated[
+        bool,
+        typer.Option(
+            help="With --encoder none: decode and preprocess each image for real; "
+            "--no-decode takes that out too (a fixed model input per job), leaving the "
+            "serial per-job work of the queue path, which more cores do not speed up."
+        ),
+    ] = True,
 ) -> None:
     """Measure raw encode_image img/s, `worker classify` img/s and the queue path img/s in one
     run, with ratios to raw and the per-stage time breakdown.
@@ -140,6 +148,7 @@ def bench(
             jobs_per_message or [1, 32],
             jobs,
             inline,
+            decode,
         )
         bench_ceiling(ctx, run)
         return

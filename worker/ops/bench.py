@@ -184,6 +184,10 @@ SERVE_WITHOUT_ENCODER = (
 )
 
 
+#: Set to "0" for the stand-in worker: decode and preprocessing taken out as well.
+DECODE_ENV = "MW_BENCH_DECODE"
+
+
 def serve_without_encoder() -> None:
     """Run `worker serve` (this process's argv after it) with the device's part of the work
     replaced by a stand-in that costs nothing: ``encode_images`` gives every image the same
@@ -216,8 +220,35 @@ def serve_without_encoder() -> None:
 
     LoadedModel.batch_pixels = batch_pixels  # type: ignore[method-assign]
     LoadedModel.encode_images = encode_images  # type: ignore[method-assign]
+    if os.environ.get(DECODE_ENV) == "0":
+        _take_out_decoding()
     sys.argv = ["worker", "serve", *sys.argv[1:]]
     main()
+
+
+def _take_out_decoding() -> None:
+    """``Engine._decode`` as a stand-in: the image bytes are hashed (the result names them)
+    and every job gets one fixed, already preprocessed model input, so what is left is the
+    serial per-job work of the queue path (decode threads scale with cores; it does not)."""
+    import hashlib
+
+    from PIL import Image
+
+    from worker.engine import Engine, Prepared
+
+    inputs: dict[int, np.ndarray | torch.Tensor] = {}
+
+    def decode(self: Engine, prep: Prepared, data: bytes) -> None:
+        width, height = self.model.image_size
+        pixels = inputs.get(id(self.model))
+        if pixels is None:
+            picture = Image.new("RGB", (width, height), "gray")
+            pixels = inputs[id(self.model)] = self.model.image_input(picture)
+        header = {"sha256": hashlib.sha256(data).hexdigest(), "width": width, "height": height}
+        prep.info = prep.info.model_copy(update=header | {"format": "JPEG"})
+        prep.frames.append(pixels)
+
+    Engine._decode = decode  # type: ignore[method-assign]
 
 
 #: The stand-in worker run from another source tree: this file's stand-in (loaded by path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Generic, TypeVar
 
 import torch
@@ -47,7 +48,12 @@ class CompiledPolicy(ABC, Generic[P]):
         return self.policy.KIND
 
     def class_ids(self) -> list[str]:
-        return self.policy.class_ids()
+        return list(self._class_ids)
+
+    @cached_property
+    def _class_ids(self) -> tuple[str, ...]:
+        # Read for every job a section is made for: computed once per compiled policy.
+        return tuple(self.policy.class_ids())
 
     def to(self, device: torch.device | str) -> CompiledPolicy[P]:
         return replace(self, matrix=self.matrix.to(device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -69,10 +70,11 @@ class CompiledTags(CompiledPolicy[TagsPolicy]):
 
     def top(self, values: Sequence[float]) -> list[tuple[str, float]]:
         """The ``top_k`` ``(tag, score)`` at or above ``min_score``, best first."""
-        ranked = sorted(
-            zip(self.class_ids(), values, strict=True), key=lambda pair: pair[1], reverse=True
+        # nlargest is sorted(..., reverse=True)[:k] (ties included) without sorting them all.
+        ranked = heapq.nlargest(
+            self.policy.top_k, zip(self._class_ids, values, strict=True), key=lambda pair: pair[1]
         )
-        return [(t, p) for t, p in ranked[: self.policy.top_k] if p >= self.policy.min_score]
+        return [(t, p) for t, p in ranked if p >= self.policy.min_score]
 
     def pool_frames(
         self, frames: Sequence[Sequence[float]]
