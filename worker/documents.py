@@ -205,6 +205,13 @@ class Result(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json()
 
+    def summary(self) -> dict[str, Any]:
+        """Status, error and the flags' names: the part of the document a task event or
+        a log line shows, without dumping the whole document."""
+        error = {"code": self.error.code, "message": self.error.message} if self.error else None
+        flags = [{"policy": f.policy, "category": f.category} for f in self.flags]
+        return {"status": self.status, "error": error, "flags": flags}
+
 
 def json_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schemas of the job and result documents, by file name."""

@@ -168,7 +168,12 @@ def _processor(done: list[bool], monkeypatch: pytest.MonkeyPatch) -> QueueProces
     """A processor whose jobs end as ``done`` says, in order (no engine, no Redis)."""
     processor = QueueProcessor(None, None, None, None, 3)  # type: ignore[arg-type]
 
-    def fake(payloads: list[Any], keys: list[str | None], job_ids: list[str]) -> list[bool]:
+    def fake(
+        payloads: list[Any],
+        keys: list[str | None],
+        job_ids: list[str],
+        stored: dict[str, Any] | None = None,
+    ) -> list[bool]:
         assert len(payloads) == len(done)
         for index, payload in enumerate(payloads):
             job_ids[index] = str(payload.get("job_id") or keys[index])

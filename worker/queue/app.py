@@ -206,6 +206,11 @@ def score_batch(task: Any, requests: list[SimpleRequest]) -> list[bool]:
     packed = task.name == SCORE_JOBS_TASK
     messages = [Message(getattr(r, "id", None), _payloads(r, packed), packed) for r in requests]
     outcome = service.processor.process_messages(messages, lambda jobs: send_jobs(task.app, jobs))
+    for request in requests:  # what the per-job task events report (worker/queue/events.py)
+        request.job_results = {}
+    for job in outcome.jobs:
+        if job.result is not None:
+            requests[job.message].job_results[job.job_id] = job.result
     return outcome.acks
 
 

@@ -44,7 +44,7 @@ from typing import Any
 from celery import signals
 from celery_batches import Batches
 
-from worker.documents import JOB_ID
+from worker.documents import JOB_ID, Result
 from worker.log import get_logger
 from worker.queue.dead_letters import KEY as DEAD_LETTERS_KEY
 from worker.queue.dead_letters import refused_id
@@ -315,11 +315,20 @@ def _on_postrun(
     runtime = time.monotonic() - began
     acks = retval if isinstance(retval, list) and len(retval) == len(requests) else None
     refs = list(_refs_of(requests))
+    # The results the batch stored are handed over on the requests (score_batch); only
+    # the rest (refused, dead-lettered, answered before) are read back from Redis.
+    known: dict[str, Any] = {}
+    for request in requests:
+        known.update(getattr(request, "job_results", None) or {})
+    unknown = [
+        ref for index, _, ref in refs if acks is not None and acks[index] and ref.uuid not in known
+    ]
     try:
-        stored = _lookup([ref for index, _, ref in refs if acks is not None and acks[index]])
+        stored = _lookup(unknown)
     except Exception as exc:  # Redis down: the events could not be sent either
         log.warning("task_event.lookup_failed", error=_cut(str(exc), 300))
         return
+    stored.update({f"result:{job_id}": result for job_id, result in known.items()})
     events = [
         _finished_event(ref, request, bool(acks and acks[index]), stored, runtime, began_wall)
         for index, request, ref in refs
@@ -360,7 +369,7 @@ def _finished_event(
     timed = {**base, "runtime": runtime}
     text = stored.get(f"result:{ref.uuid}")
     if text is not None:
-        result = _json_object(text)
+        result = text.summary() if isinstance(text, Result) else _json_object(text)
         if result.get("status") == "ok":
             return "task-succeeded", {**timed, "result": result_summary(result)}
         return "task-failed", {**timed, "exception": failure_text(result)}

@@ -65,6 +65,9 @@ class JobOutcome:
     message: int  # index of its message in the batch
     job_id: str  # the job id, or the dead-letter key of an invalid job
     finished: bool  # False: it goes back to the queue
+    #: The result this batch stored for it (None: refused, dead-lettered, retried, or
+    #: answered from an earlier result), so its events need not read it back from Redis.
+    result: Result | None = None
 
 
 @dataclass
@@ -107,7 +110,8 @@ class QueueProcessor:
             keys.extend(message.job_keys())
             owner.extend([index] * len(message.payloads))
         job_ids: list[str] = [""] * len(payloads)
-        done = self._process(payloads, keys, job_ids)
+        stored: dict[str, Result] = {}
+        done = self._process(payloads, keys, job_ids, stored)
         acks: list[bool] = []
         start = 0
         for message in messages:
@@ -120,7 +124,10 @@ class QueueProcessor:
             else:
                 acks.append(self._resend_unfinished(message, finished, resend))
             start = end
-        outcomes = [JobOutcome(owner[i], job_ids[i], done[i]) for i in range(len(payloads))]
+        outcomes = [
+            JobOutcome(owner[i], job_ids[i], done[i], stored.get(job_ids[i]))
+            for i in range(len(payloads))
+        ]
         return BatchOutcome(acks, outcomes)
 
     def _resend_unfinished(self, message: Message, finished: list[bool], resend: Resend) -> bool:
@@ -149,10 +156,14 @@ class QueueProcessor:
         return self._process(list(payloads), keys, [""] * len(payloads))
 
     def _process(
-        self, payloads: list[Any], keys: list[str | None], job_ids: list[str]
+        self,
+        payloads: list[Any],
+        keys: list[str | None],
+        job_ids: list[str],
+        stored: dict[str, Result] | None = None,
     ) -> list[bool]:
         """:meth:`process`, filling ``job_ids`` (the job id, or the dead-letter key of an
-        invalid job, per payload)."""
+        invalid job, per payload) and ``stored`` (job id -> the result stored for it)."""
         batch_id = uuid.uuid4().hex[:12]
         started = time.perf_counter()
         log.info("batch.started", batch_id=batch_id, size=len(payloads))
@@ -186,7 +197,7 @@ class QueueProcessor:
             except Exception:  # Redis down: nothing admitted, every job goes back
                 log.exception("batch.admit_failed", batch_id=batch_id)
         if to_score:
-            finished = self._score(to_score, batch_id)
+            finished = self._score(to_score, batch_id, {} if stored is None else stored)
             for job_id, ok in finished.items():
                 for index in waiting[job_id]:
                     done[index] = ok
@@ -305,7 +316,9 @@ class QueueProcessor:
         if self.telemetry is not None:
             self.telemetry.observe_result(result)
 
-    def _score(self, jobs: list[tuple[Job, int]], batch_id: str) -> dict[str, bool]:
+    def _score(
+        self, jobs: list[tuple[Job, int]], batch_id: str, stored: dict[str, Result]
+    ) -> dict[str, bool]:
         """Score ``jobs`` in encoder chunks; each chunk's results are stored and delivered
         while the next chunk's images are still being decoded."""
         items = [WorkItem(j.job_id, j.image, j.policies, j.metadata) for j, _ in jobs]
@@ -322,17 +335,20 @@ class QueueProcessor:
             for (job, attempt), result in zip(jobs, results, strict=True):
                 chunk.append((job, attempt, result))
                 if len(chunk) == size:
-                    finished.update(self._complete(chunk, batch_id))
+                    finished.update(self._complete(chunk, batch_id, stored))
                     chunk = []
             if chunk:
-                finished.update(self._complete(chunk, batch_id))
+                finished.update(self._complete(chunk, batch_id, stored))
         except Exception:
             log.exception("batch.failed", batch_id=batch_id)
             return {job.job_id: finished.get(job.job_id, False) for job, _ in jobs}
         return finished
 
-    def _complete(self, scored: list[tuple[Job, int, Result]], batch_id: str) -> dict[str, bool]:
-        """Retry, or store (one round trip for the chunk), log and deliver scored jobs."""
+    def _complete(
+        self, scored: list[tuple[Job, int, Result]], batch_id: str, stored: dict[str, Result]
+    ) -> dict[str, bool]:
+        """Retry, or store (one round trip for the chunk), log and deliver scored jobs;
+        ``stored`` gains the results stored."""
         finished: dict[str, bool] = {}
         final: list[tuple[Job, int, Result]] = []
         for job, attempt, result in scored:
@@ -349,6 +365,7 @@ class QueueProcessor:
             log.exception("batch.store_failed", batch_id=batch_id)
             return {**finished, **{job.job_id: False for job, _, _ in final}}
         for job, attempt, result in final:
+            stored[job.job_id] = result
             finished[job.job_id] = self._deliver(job, attempt, result, batch_id)
         return finished
 
