@@ -20,10 +20,9 @@ import redis
 
 from tests.helpers import wait_until, write_images
 from tests.integration.hostile import HOSTILE, send_hostile
+from tests.integration.queue_helpers import queue_client, queue_drained, result_files
 from tests.processes import WorkerProcess, cli
-from worker.client import Client
 from worker.queue.dead_letters import DeadLetters
-from worker.settings import load_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -32,27 +31,6 @@ ANSWERED_BY_RESULT = {
     "unknown-sink-type": "sink_not_allowed",
     "local-sink-outside-roots": "sink_not_allowed",
 }
-
-
-def _client(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, plugin_path: Path | None = None
-) -> Client:
-    """A queue client in this process (with the test plugin package importable)."""
-    if plugin_path is not None:
-        monkeypatch.syspath_prepend(str(plugin_path))
-    for key, value in env.items():
-        if key.startswith("WORKER_"):
-            monkeypatch.setenv(key, value)
-    return Client(load_settings())
-
-
-def _queue_is_drained(url: str) -> bool:
-    r = redis.Redis.from_url(url)
-    return r.llen("moderation") == 0 and r.hlen("unacked") == 0
-
-
-def _result_files(directory: Path) -> dict[str, dict[str, object]]:
-    return {p.stem: json.loads(p.read_text()) for p in directory.glob("*.json")}
 
 
 def test_every_hostile_message_is_answered_and_the_worker_stays_up(
@@ -64,7 +42,7 @@ def test_every_hostile_message_is_answered_and_the_worker_stays_up(
     url = queue_env["WORKER_BROKER_URL"]
     image = write_images(tmp_path / "imgs", 1)[0]
     out = tmp_path / "out"
-    client = _client(queue_env, monkeypatch)
+    client = queue_client(queue_env, monkeypatch)
     worker = start_worker()
     good: list[str] = []
     for name in HOSTILE:  # good and bad interleaved, so batches mix them
@@ -80,14 +58,14 @@ def test_every_hostile_message_is_answered_and_the_worker_stays_up(
         )
     )
 
-    wait_until(lambda: len(_result_files(out)) == len(good), 120, "every good job scored")
+    wait_until(lambda: len(result_files(out)) == len(good), 120, "every good job scored")
     expected_dead = len(HOSTILE) - len(ANSWERED_BY_RESULT)
     store = DeadLetters(client.jobs.redis)
     wait_until(lambda: store.count() == expected_dead, 60, "every dead letter")
-    wait_until(lambda: _queue_is_drained(url), 30, "an empty queue and no unacked message")
+    wait_until(lambda: queue_drained(url), 30, "an empty queue and no unacked message")
 
     assert worker.proc.poll() is None, "the worker is still up"
-    results = _result_files(out)
+    results = result_files(out)
     assert set(results) == set(good)
     assert all(r["status"] == "ok" for r in results.values())
     entries = store.entries()
@@ -145,7 +123,7 @@ def test_soak_1000_good_jobs_100_malformed_two_workers_one_killed(
     out, record = tmp_path / "out", tmp_path / "record"
     sinks = [{"type": "local", "path": str(out)}, {"type": "record", "path": str(record)}]
     kinds = [k for k in HOSTILE if k != "oversized-body"]
-    client = _client(queue_env, monkeypatch, plugin_path)
+    client = queue_client(queue_env, monkeypatch, plugin_path)
     env = {"WORKER_BATCH__MAX_SIZE": "16", "WORKER_BATCH__MAX_WAIT_MS": "50"}
     workers = [start_worker(env=env), start_worker(env=env)]
     started = time.monotonic()
@@ -173,10 +151,10 @@ def test_soak_1000_good_jobs_100_malformed_two_workers_one_killed(
     expected_dead = sum(n for k, n in bad.items() if k not in ANSWERED_BY_RESULT)
     letters = DeadLetters(client.jobs.redis)
     wait_until(lambda: letters.count() == expected_dead, 60, "dead letters")
-    wait_until(lambda: _queue_is_drained(url), 60, "an empty queue")
+    wait_until(lambda: queue_drained(url), 60, "an empty queue")
     elapsed = time.monotonic() - started
 
-    results = _result_files(out)
+    results = result_files(out)
     assert set(results) == set(good)
     assert all(r["status"] == "ok" for r in results.values())
     lines = [json.loads(x) for x in (record / "deliveries.jsonl").read_text().splitlines()]

@@ -11,39 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from tests.helpers import wait_until, write_images
 from tests.integration.hostile import HOSTILE, publish_packed, send_hostile
+from tests.integration.queue_helpers import QUEUE, queue_client, queue_drained, result_files
 from tests.integration.servers import free_port
 from tests.processes import WorkerProcess, cli
-from worker.client import Client
 from worker.queue.dead_letters import DeadLetters
-from worker.settings import load_settings
 
 pytestmark = pytest.mark.integration
-QUEUE = "moderation"
-
-
-def _client(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, plugin_path: Path | None = None
-) -> Client:
-    """A queue client in this process, on the worker's settings."""
-    if plugin_path is not None:
-        monkeypatch.syspath_prepend(str(plugin_path))
-    for key, value in env.items():
-        if key.startswith("WORKER_"):
-            monkeypatch.setenv(key, value)
-    return Client(load_settings())
-
-
-def _results(directory: Path) -> dict[str, dict[str, Any]]:
-    return {p.stem: json.loads(p.read_text()) for p in directory.glob("*.json")}
-
-
-def _drained(url: str) -> bool:
-    r = redis.Redis.from_url(url)
-    return r.llen(QUEUE) == 0 and r.hlen("unacked") == 0
 
 
 def _jobs(images: list[Path], out: Path, prefix: str, count: int) -> list[dict[str, Any]]:
@@ -70,12 +46,12 @@ def test_a_message_of_32_jobs_gives_32_results(
 ) -> None:
     images = write_images(tmp_path / "imgs", 8)
     out = tmp_path / "out"
-    client = _client(queue_env, monkeypatch)
+    client = queue_client(queue_env, monkeypatch)
     ids = client.submit_many(_jobs(images, out, "p", 32), per_message=32)
     assert client.queue_depth() == 1  # one queue message carries all 32
     worker = start_worker(env={"WORKER_BATCH__MAX_SIZE": "32", "WORKER_BATCH__MAX_WAIT_MS": "2000"})
-    wait_until(lambda: len(_results(out)) == 32, 60, "32 results")
-    results = _results(out)
+    wait_until(lambda: len(result_files(out)) == 32, 60, "32 results")
+    results = result_files(out)
     assert set(results) == set(ids)
     for job_id in ids:
         assert results[job_id]["job_id"] == job_id
@@ -85,7 +61,7 @@ def test_a_message_of_32_jobs_gives_32_results(
         assert stored.job_id == job_id
     assert [e["size"] for e in worker.events("batch.processed")] == [32]  # one encoder batch
     assert _scored(worker) == Counter(dict.fromkeys(ids, 1))
-    wait_until(lambda: _drained(queue_env["WORKER_BROKER_URL"]), 30, "an empty queue")
+    wait_until(lambda: queue_drained(queue_env["WORKER_BROKER_URL"]), 30, "an empty queue")
     assert worker.stop() == 0
 
 
@@ -101,11 +77,11 @@ def test_a_corrupt_image_is_one_error_result_in_its_message(
     out = tmp_path / "out"
     jobs = _jobs(images, out, "c", 8)
     jobs[3]["image"] = {"uri": str(corrupt)}
-    client = _client(queue_env, monkeypatch)
+    client = queue_client(queue_env, monkeypatch)
     client.submit_many(jobs, per_message=8)
     worker = start_worker()
-    wait_until(lambda: len(_results(out)) == 8, 60, "8 results")
-    results = _results(out)
+    wait_until(lambda: len(result_files(out)) == 8, 60, "8 results")
+    results = result_files(out)
     assert results["c-03"]["status"] == "error"
     assert results["c-03"]["error"]["code"] == "image_unreadable"
     assert sorted(k for k, r in results.items() if r["status"] == "ok") == [
@@ -140,12 +116,12 @@ def test_malformed_jobs_are_answered_alone_and_the_rest_scored(
     ]
     worker = start_worker()
     publish_packed(url, QUEUE, items)
-    wait_until(lambda: len(_results(out)) == 3, 60, "the good jobs' results")
-    letters = DeadLetters(_client(queue_env, monkeypatch).jobs.redis)
+    wait_until(lambda: len(result_files(out)) == 3, 60, "the good jobs' results")
+    letters = DeadLetters(queue_client(queue_env, monkeypatch).jobs.redis)
     wait_until(lambda: letters.count() == 3, 30, "three dead letters")
-    wait_until(lambda: _drained(url), 30, "an empty queue")
+    wait_until(lambda: queue_drained(url), 30, "an empty queue")
 
-    assert set(_results(out)) == {"g-00", "g-01", "g-02"}
+    assert set(result_files(out)) == {"g-00", "g-01", "g-02"}
     entries = {e.job_id: e for e in letters.entries()}
     assert entries["bad-doc"].stage == "validate"
     assert "image" in entries["bad-doc"].error
@@ -153,7 +129,7 @@ def test_malformed_jobs_are_answered_alone_and_the_rest_scored(
     assert set(by_index) == {"3", "6"}  # keyed by the message id and the item's index
     assert all(key.startswith("invalid-") for key in entries if key != "bad-doc")
     assert by_index["3"].raw == "7"
-    refused = _client(queue_env, monkeypatch).result("bad-sink")
+    refused = queue_client(queue_env, monkeypatch).result("bad-sink")
     assert refused is not None
     assert refused.error is not None
     assert refused.error.code == "sink_not_allowed"
@@ -174,7 +150,7 @@ def test_hostile_packed_messages_leave_the_worker_up_and_lose_nothing(
     images = write_images(tmp_path / "imgs", 2)
     out = tmp_path / "out"
     env = {"WORKER_QUEUE__MAX_MESSAGE_BYTES": str(4 * 1024 * 1024)}
-    client = _client({**queue_env, **env}, monkeypatch)
+    client = queue_client({**queue_env, **env}, monkeypatch)
     worker = start_worker(env=env)
     good: list[str] = []
     for number, name in enumerate(PACKED_KINDS):  # good packed messages between the bad ones
@@ -186,14 +162,14 @@ def test_hostile_packed_messages_leave_the_worker_up_and_lose_nothing(
     publish_packed(url, QUEUE, oversized)  # 5.6 MB: over the 4 MiB cap set above
     good += client.submit_many(_jobs(images, out, "last", 3), per_message=3)
 
-    wait_until(lambda: set(_results(out)) >= {*good, "twin-00"}, 120, "every good job scored")
+    wait_until(lambda: set(result_files(out)) >= {*good, "twin-00"}, 120, "every good job scored")
     letters = DeadLetters(client.jobs.redis)
     expected = len(PACKED_KINDS) + 1  # one per hostile kind, one for the oversized message
     wait_until(lambda: letters.count() == expected, 60, "every dead letter")
-    wait_until(lambda: _drained(url), 30, "an empty queue and no unacked message")
+    wait_until(lambda: queue_drained(url), 30, "an empty queue and no unacked message")
 
     assert worker.proc.poll() is None, "the worker is still up"
-    results = _results(out)
+    results = result_files(out)
     assert set(results) == {*good, "twin-00"}
     assert all(r["status"] == "ok" for r in results.values())
     assert _scored(worker)["twin-00"] == 1  # three copies in one message: scored once
@@ -218,11 +194,11 @@ def test_a_transient_failure_resubmits_only_that_job(
     jobs = _jobs(images, out, "t", 4)
     jobs[1]["image"] = {"uri": f"http://127.0.0.1:{free_port()}/gone.png"}  # nothing listens
     env = {"WORKER_HTTP__ALLOW_NETWORKS": '["127.0.0.0/8"]'}
-    client = _client({**queue_env, **env}, monkeypatch)
+    client = queue_client({**queue_env, **env}, monkeypatch)
     client.submit_many(jobs, per_message=4)
     worker = start_worker(env=env)
-    wait_until(lambda: len(_results(out)) == 4, 90, "4 results (the flaky one after retries)")
-    results = _results(out)
+    wait_until(lambda: len(result_files(out)) == 4, 90, "4 results (the flaky one after retries)")
+    results = result_files(out)
     assert results["t-01"]["status"] == "error"
     assert results["t-01"]["error"]["code"] in {"source_unavailable", "source_timeout"}
     assert all(results[f"t-{i:02d}"]["status"] == "ok" for i in (0, 2, 3))
@@ -231,7 +207,7 @@ def test_a_transient_failure_resubmits_only_that_job(
     assert resubmitted == ["t-01", "t-01"]  # WORKER_MAX_ATTEMPTS=3: two retries, alone
     sizes = [e["size"] for e in worker.events("batch.processed")]
     assert sizes == [4, 1, 1]  # the retries are one-job messages
-    wait_until(lambda: _drained(queue_env["WORKER_BROKER_URL"]), 30, "an empty queue")
+    wait_until(lambda: queue_drained(queue_env["WORKER_BROKER_URL"]), 30, "an empty queue")
     assert worker.stop() == 0
 
 
@@ -244,7 +220,7 @@ def test_kill_9_with_packed_messages_in_hand_loses_nothing(
 ) -> None:
     images = write_images(tmp_path / "imgs", 4)
     record = tmp_path / "record"
-    client = _client(queue_env, monkeypatch, plugin_path)
+    client = queue_client(queue_env, monkeypatch, plugin_path)
     sinks = [{"type": "record", "path": str(record), "delay_ms": 150}]
     jobs = [
         {"job_id": f"k-{i:02d}", "image": {"uri": str(images[i % 4])}, "sinks": sinks}
@@ -269,7 +245,7 @@ def test_kill_9_with_packed_messages_in_hand_loses_nothing(
     wait_until(lambda: set(delivered()) == set(ids), 120, "every job delivered")
     for job_id, bodies in delivered().items():
         assert len(set(bodies)) == 1, f"{job_id} was delivered with different content"
-    wait_until(lambda: _drained(queue_env["WORKER_BROKER_URL"]), 30, "an empty queue")
+    wait_until(lambda: queue_drained(queue_env["WORKER_BROKER_URL"]), 30, "an empty queue")
     assert survivor.stop() == 0
 
 
@@ -294,7 +270,7 @@ def test_worker_submit_packs_with_per_message(
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(results) == len(images)
     assert {r["status"] for r in results} == {"ok"}
-    assert set(_results(out)) == {r["job_id"] for r in results}
+    assert set(result_files(out)) == {r["job_id"] for r in results}
     too_many = cli(queue_env, "submit", str(images[0]), "--per-message", "65")
     assert too_many.returncode == 2
     assert "WORKER_QUEUE__MAX_JOBS_PER_MESSAGE" in too_many.stderr

@@ -44,7 +44,7 @@ from typing import Any
 from celery import signals
 from celery_batches import Batches
 
-from worker.documents import JOB_ID, Result
+from worker.documents import JOB_ID
 from worker.log import get_logger
 from worker.queue.dead_letters import KEY as DEAD_LETTERS_KEY
 from worker.queue.dead_letters import refused_id
@@ -328,7 +328,7 @@ def _on_postrun(
     except Exception as exc:  # Redis down: the events could not be sent either
         log.warning("task_event.lookup_failed", error=_cut(str(exc), 300))
         return
-    stored.update({f"result:{job_id}": result for job_id, result in known.items()})
+    stored.update({f"result:{job_id}": result.summary() for job_id, result in known.items()})
     events = [
         _finished_event(ref, request, bool(acks and acks[index]), stored, runtime, began_wall)
         for index, request, ref in refs
@@ -367,9 +367,9 @@ def _finished_event(
     if not acked:
         return "task-rejected", {**base, "requeue": True}
     timed = {**base, "runtime": runtime}
-    text = stored.get(f"result:{ref.uuid}")
-    if text is not None:
-        result = text.summary() if isinstance(text, Result) else _json_object(text)
+    found = stored.get(f"result:{ref.uuid}")  # a summary from the batch, or JSON from Redis
+    if found is not None:
+        result = found if isinstance(found, dict) else _json_object(found)
         if result.get("status") == "ok":
             return "task-succeeded", {**timed, "result": result_summary(result)}
         return "task-failed", {**timed, "exception": failure_text(result)}

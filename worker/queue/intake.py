@@ -222,7 +222,7 @@ def quarantine(letters: DeadLetters, message_id: Any, raw: Any, reason: str) -> 
 
 
 class GuardedConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, with every task message vetted by :func:`job_of_message`."""
+    """Celery's consumer, with every task message vetted by :func:`vet_message`."""
 
     def _refuse(self, message: Any, reason: str) -> None:
         try:
