@@ -20,12 +20,12 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from worker.animation import DEFAULT_MAX_FRAMES, decode_frames
+from worker.animation import DEFAULT_MAX_FRAMES, DecodedFrames, decode_frames
 from worker.documents import (
     ErrorInfo,
     Flag,
@@ -49,7 +49,78 @@ from worker.policy.compiled import CompiledPolicy, Section
 from worker.policy.policyset import PolicySet
 from worker.redact import redact_text, redact_uri
 
+if TYPE_CHECKING:
+    from worker.settings import ImageSettings
+
 log = get_logger(__name__)
+
+ModelInput = np.ndarray | torch.Tensor  # what LoadedModel.image_input gives for one picture
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the worker decodes an image: the guards, the frames of an animation and the JPEG
+    draft size. Serving, eval and fine-tuning decode through :meth:`open` and
+    :func:`frame_inputs` with the options :meth:`from_settings` gives, so they see the same
+    pixels."""
+
+    max_pixels: int
+    allowed_formats: frozenset[str]
+    draft_size: tuple[int, int] | None = None
+    max_frames: int = DEFAULT_MAX_FRAMES
+    max_side: int = DEFAULT_MAX_SIDE
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+
+    @classmethod
+    def from_settings(cls, image: ImageSettings, model: LoadedModel) -> DecodeOptions:
+        """The options ``worker.runtime.build_engine`` gives the engine."""
+        return cls(
+            max_pixels=image.max_pixels,
+            allowed_formats=frozenset(f.upper() for f in image.allowed_formats),
+            draft_size=model.image_size if image.jpeg_draft else None,
+            max_frames=image.max_frames,
+            max_side=image.max_side,
+            max_aspect_ratio=image.max_aspect_ratio,
+        )
+
+    def open(self, data: bytes) -> DecodedFrames:
+        """Check the header and plan the frames (:func:`worker.animation.decode_frames`);
+        raises ImageError. The frames decode as the result is iterated."""
+        return decode_frames(
+            data,
+            max_pixels=self.max_pixels,
+            allowed_formats=self.allowed_formats,
+            max_frames=self.max_frames,
+            draft_size=self.draft_size,
+            max_side=self.max_side,
+            max_aspect_ratio=self.max_aspect_ratio,
+        )
+
+
+@dataclass
+class FrameInputs:
+    """The model inputs of an opened image's frames, and the seconds spent on each stage."""
+
+    inputs: list[ModelInput] = field(default_factory=list)
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+
+
+def frame_inputs(decoded: DecodedFrames, model: LoadedModel) -> FrameInputs:
+    """Decode and preprocess the frames to score, one at a time (a still has one); only one
+    decoded picture is held at a time. Raises ImageError for a bad frame."""
+    out = FrameInputs()
+    frames = iter(decoded)
+    while True:
+        started = time.perf_counter()
+        frame = next(frames, None)  # decodes it (and any frame before it)
+        decoded_at = time.perf_counter()
+        out.decode_s += decoded_at - started
+        if frame is None:
+            return out
+        out.inputs.append(model.image_input(frame.image))
+        del frame
+        out.preprocess_s += time.perf_counter() - decoded_at
 
 
 @dataclass(frozen=True)
@@ -66,7 +137,7 @@ class WorkItem:
 class Prepared:
     item: WorkItem
     info: ImageInfo
-    frames: list[np.ndarray | torch.Tensor] = field(default_factory=list)  # model inputs
+    frames: list[ModelInput] = field(default_factory=list)  # model inputs
     error: JobError | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -134,32 +205,26 @@ class Engine:
             prep.error = JobError(f"{type(exc).__name__}: {exc}", code="internal_error")
         return prep
 
-    def _decode(self, prep: Prepared, data: bytes) -> None:
-        """Decode and preprocess the frames to score, one at a time (a still has one)."""
-        started = time.perf_counter()
-        decoded = decode_frames(
-            data,
+    def decode_options(self) -> DecodeOptions:
+        """How this engine decodes (eval and fine-tuning build the same from settings)."""
+        return DecodeOptions(
             max_pixels=self.max_pixels,
             allowed_formats=self.allowed_formats,
-            max_frames=self.max_frames,
             draft_size=self.draft_size,
+            max_frames=self.max_frames,
             max_side=self.max_side,
             max_aspect_ratio=self.max_aspect_ratio,
         )
+
+    def _decode(self, prep: Prepared, data: bytes) -> None:
+        """Decode and preprocess the frames to score (a still has one)."""
+        started = time.perf_counter()
+        decoded = self.decode_options().open(data)
         header = {"sha256": decoded.sha256, "width": decoded.width, "height": decoded.height}
         prep.info = prep.info.model_copy(update=header | {"format": decoded.format})
-        decode_s, preprocess_s = time.perf_counter() - started, 0.0
-        frames = iter(decoded)
-        while True:
-            started = time.perf_counter()
-            frame = next(frames, None)  # decodes it (and any frame before it)
-            decoded_at = time.perf_counter()
-            decode_s += decoded_at - started
-            if frame is None:
-                break
-            prep.frames.append(self.model.image_input(frame.image))
-            del frame  # only one decoded picture is held at a time
-            preprocess_s += time.perf_counter() - decoded_at
+        opened_s = time.perf_counter() - started
+        frames = frame_inputs(decoded, self.model)
+        prep.frames = frames.inputs
         if decoded.animated:
             animation = {
                 "frames_scored": len(decoded.indices),
@@ -167,12 +232,12 @@ class Engine:
                 "frame_indices": list(decoded.indices),
             }
             prep.info = prep.info.model_copy(update=animation)
-        prep.timings["decode"] = round(decode_s * 1000, 3)
-        prep.timings["preprocess"] = round(preprocess_s * 1000, 3)
+        prep.timings["decode"] = round((opened_s + frames.decode_s) * 1000, 3)
+        prep.timings["preprocess"] = round(frames.preprocess_s * 1000, 3)
 
     # ------------------------------------------------------------------ encoding and scoring
 
-    def _encode(self, pixels: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor | Exception]:
+    def _encode(self, pixels: list[ModelInput]) -> list[torch.Tensor | Exception]:
         """Encode a batch; on failure split it so only the image that fails is lost."""
         try:
             return list(self.model.encode_images(self.model.batch_pixels(pixels)))

@@ -45,8 +45,11 @@ def eval_command(  # noqa: PLR0915 - the lazy imports of the model stack count a
 ) -> None:
     """Measure a policy on labelled data and suggest thresholds for a target precision or recall.
 
-    Writes metrics.json, report.md, pr_curves.png and histograms.png to --out. Image
-    embeddings are cached per model, so re-running after a policy edit encodes no image.
+    Writes metrics.json, report.md, pr_curves.png, histograms.png and scores.jsonl (one
+    line per image: its path, labels and each class's score, the numbers `worker classify`
+    gives) to --out. Images are decoded as the worker serves them (WORKER_IMAGE__*: JPEG
+    draft mode, an animation's frames pooled). Image embeddings are cached per model and
+    decode, so re-running after a policy edit encodes no image.
     """
     # The model stack loads here, not at import: `worker --help` and the light client stay fast.
     import numpy as np
@@ -57,7 +60,7 @@ def eval_command(  # noqa: PLR0915 - the lazy imports of the model stack count a
     from worker.runtime import compile_configured, load_configured_model
     from worker.tuning.datasets import SPLITS, read_labelled, validate
     from worker.tuning.embedder import embed_files
-    from worker.tuning.eval_report import write_report
+    from worker.tuning.eval_report import write_report, write_scores
     from worker.tuning.evaluation import EvalReport, evaluate, policy_scores, summarise
 
     settings = state(ctx).settings
@@ -97,12 +100,14 @@ def eval_command(  # noqa: PLR0915 - the lazy imports of the model stack count a
                 allowed_formats=settings.image.allowed_formats,
                 max_side=settings.image.max_side,
                 max_aspect_ratio=settings.image.max_aspect_ratio,
+                jpeg_draft=settings.image.jpeg_draft,
+                max_frames=settings.image.max_frames,
                 batch_size=batch_size,
                 workers=settings.decode_workers,
                 on_progress=lambda n: progress.advance(task, n),
             )
         cache.close()
-    scores = policy_scores(compiled, embedded.embeddings, model.logit_scale)
+    scores = policy_scores(compiled, embedded, model.logit_scale)
     truth = np.array([[c in e.labels for c in classes] for e in dataset.examples], dtype=bool)
     target = (
         {"recall": target_recall}
@@ -135,6 +140,7 @@ def eval_command(  # noqa: PLR0915 - the lazy imports of the model stack count a
         },
     )
     written = write_report(report, truth, scores, out)
+    written.append(write_scores(dataset.examples, classes, scores, out))
     _print_table(f"{loaded.name} on {len(dataset.examples)} images", categories)
     stderr.print(
         f"embedded {len(dataset.examples)} images ({embedded.encoded} encoded, {embedded.cached} "

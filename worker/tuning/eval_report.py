@@ -1,10 +1,12 @@
-"""Writing `worker eval` results: metrics.json, report.md and PNG plots (matplotlib, Agg)."""
+"""Writing `worker eval` results: metrics.json, report.md, PNG plots (matplotlib, Agg) and
+scores.jsonl (each image's scores)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from worker.tuning import metrics
+from worker.tuning.datasets import Example
 from worker.tuning.evaluation import BAND_RECALL, CategoryMetrics, EvalReport
 
 
@@ -185,6 +188,25 @@ def write_report(
     plot_pr_curves(report, truth, scores, written[2])
     plot_histograms(report, truth, scores, written[3])
     return written
+
+
+def write_scores(
+    examples: Sequence[Example], class_ids: Sequence[str], scores: np.ndarray, out_dir: Path
+) -> Path:
+    """scores.jsonl: one line per image, ``{"image", "labels", "scores": {class: score}}``,
+    in the data's order; ``image`` is the data's path made absolute (relative paths are
+    relative to the CSV/JSONL), the scores are those `worker classify` gives the file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "scores.jsonl"
+    with path.open("w", encoding="utf-8") as handle:
+        for example, row in zip(examples, scores.tolist(), strict=True):
+            line = {
+                "image": os.path.abspath(example.path),
+                "labels": list(example.labels),
+                "scores": dict(zip(class_ids, row, strict=True)),
+            }
+            handle.write(json.dumps(line) + "\n")
+    return path
 
 
 def category_table_rows(categories: list[CategoryMetrics]) -> list[list[str]]:

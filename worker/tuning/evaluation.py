@@ -1,7 +1,8 @@
 """`worker eval`: score a labelled set with a policy, measure each category, suggest thresholds.
 
-Scores come from the same code that serves (``heads`` + ``scoring``), so what is measured
-is what runs. Image embeddings come from the cache when this model has seen the image
+Images are decoded and scores computed by the same code that serves (the engine's decode,
+``heads`` + ``scoring``, ``pool_frames`` for an animation's frames), so what is measured is
+what runs. Image embeddings come from the cache when this model has seen the image
 before, so re-checking after a policy edit costs a recompile of the edited prompts only.
 """
 
@@ -12,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from worker.policy import CompiledPolicy
 from worker.tuning import metrics
+from worker.tuning.embedder import EmbeddedFiles
 
 #: Review bands: below the low edge pass, above the high edge act, between -> a human.
 BAND_RECALL = 0.9
@@ -71,11 +72,20 @@ def _finite(value: Any) -> Any:
 
 
 def policy_scores(
-    compiled: CompiledPolicy[Any], embeddings: torch.Tensor, logit_scale: float
+    compiled: CompiledPolicy[Any], embedded: EmbeddedFiles, logit_scale: float
 ) -> np.ndarray:
-    """(N, C) scores of every class of the policy, as the worker would compute them."""
-    emb = embeddings.to(compiled.matrix.device)
-    return compiled.scores(emb, logit_scale).cpu().double().numpy()
+    """(N, C) scores of every class of the policy for each file, as the worker computes
+    them: a still's row of ``compiled.scores``; an animation's frame rows pooled by
+    ``compiled.pool_frames`` (moderation: the maximum over frames, tags: the mean)."""
+    emb = embedded.embeddings.to(compiled.matrix.device)
+    frames = compiled.scores(emb, logit_scale).cpu().double().numpy()
+    out = np.empty((len(embedded.spans), frames.shape[1]), dtype=np.float64)
+    for row, (start, end) in enumerate(embedded.spans):
+        if end - start == 1:
+            out[row] = frames[start]
+        else:
+            out[row] = compiled.pool_frames(frames[start:end].tolist())[0]
+    return out
 
 
 def evaluate(
