@@ -49,7 +49,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 def render(
     shape: str, colour: str, rng: random.Random, size: int = 64, style: str = "filled"
 ) -> Image.Image:
-    """One picture. ``style`` is "filled" (pre-training) or "outline" (the domain)."""
+    """One picture. ``style`` is "filled" (pre-training), "outline" (the domain) or
+    "night" (the hard domain: :func:`render_night`)."""
+    if style == "night":
+        return render_night(shape, colour, rng, size)
     if style == "filled":
         bg = tuple(rng.randint(215, 255) for _ in range(3))
     else:
@@ -157,3 +160,35 @@ def write_shape_set(
 def write_finetune_domain(root: Path) -> Path:
     """The domain of the finetune tests: 60 *outlined* shapes per colour, labelled by colour."""
     return write_shape_set(root, per_class=60, style="outline", label="colour", seed=3)
+
+
+def false_colour(rgb: np.ndarray) -> np.ndarray:
+    """What a colour-infrared night camera shows for a surface of daylight colour ``rgb``:
+    near-infrared as red, red as green, green as blue (the CIR convention; the surface's
+    near-infrared reflectance is taken as 0.6 × its mean brightness). A red object shows
+    green, a green one blue, a yellow one cyan: the domain's colour cues contradict the
+    daylight world's, which is where fine-tuning on the domain alone forgets."""
+    nir = 0.6 * rgb.mean(axis=-1, keepdims=True)
+    return np.concatenate([nir, rgb[..., :1], rgb[..., 1:2]], axis=-1)
+
+
+def render_night(shape: str, colour: str, rng: random.Random, size: int = 64) -> Image.Image:
+    """A night-camera picture: a small object on a dark noisy background, in the false
+    colour of a colour-infrared camera under automatic gain. The hard domain of the
+    fine-tune tests (a different shift from ``outline``)."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    r = rng.uniform(size * 0.09, size * 0.15)
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-0.4, 0.4)), fill=255)
+    surface = np.array(COLOURS[colour], dtype=np.float32)
+    surface += np.array([rng.uniform(-20, 20) for _ in range(3)], dtype=np.float32)
+    lit = false_colour(np.clip(surface, 0, 255))
+    gain = rng.uniform(190, 240) / max(float(lit.max()), 1.0)
+    bg = np.array([rng.uniform(10, 45) for _ in range(3)], dtype=np.float32)
+    arr = np.where(np.asarray(mask)[..., None] > 0, lit * gain, bg)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 14, arr.shape)
+    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))

@@ -14,11 +14,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.cli_runner import run_cli
 from tests.synthetic import write_finetune_domain, write_shape_set
 from worker.errors import DataError
+from worker.model import load_model
 from worker.policy import LoadedPolicy, load_policy_file
+from worker.settings import Settings
+from worker.tuning.embedder import embed_files
 from worker.tuning.finetune import FinetuneOptions, check_data
 
 pytestmark = pytest.mark.slow
@@ -71,6 +75,10 @@ def test_finetune_beats_zero_shot_by_15_points(tuned: Path) -> None:
     assert f"{100 * after:.1f}%" in text
     assert len(report["alpha_curve"]) == 11
     assert report["history"]["epochs"][0]["epoch"] == 1
+    # --lr and --epochs given: no sweep, the given values used
+    assert report["sweep"] == []
+    assert (report["config"]["lr"], report["config"]["epochs"]) == (3e-3, 20)
+    assert report["recipe"] == {"objective": ["domain loss only"], "lr": "given (--lr)"}
     assert set(report["fine_tuned"]["per_class"]) == {"red", "green", "blue", "yellow", "purple"}
     assert (tuned / "training_curve.png").stat().st_size > 5000
     assert report["throughput"]["train_images_per_s"] > 0
@@ -99,42 +107,6 @@ def test_checkpoint_serves_with_a_new_fingerprint(
     assert all(d["model"]["name"] == f"local-dir:{tuned}" for d in docs)
     correct = sum(Path(d["image"]["uri"]).name.split("-")[1] == d["labels"][0] for d in docs)
     assert correct >= 6  # the served model does the domain task
-
-
-def test_control_set_bounds_the_wise_alpha(
-    tmp_path: Path, env: dict[str, str], domain: Path, control: Path
-) -> None:
-    out = tmp_path / "ckpt"
-    proc = run_cli(
-        "finetune",
-        "--data",
-        str(domain),
-        "--out",
-        str(out),
-        *EPOCHS,
-        "--control",
-        str(control),
-        "--control-margin",
-        "0.02",
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    c = report["control"]
-    assert c["within_margin"]
-    assert c["chosen_acc"] >= c["zero_shot_acc"] - 0.02
-    chosen = next(p for p in report["alpha_curve"] if p["alpha"] == report["alpha"])
-    assert chosen["control_acc"] == c["chosen_acc"]
-    violating = [p for p in report["alpha_curve"] if p["control_acc"] < c["zero_shot_acc"] - 0.02]
-    best_val = max(report["alpha_curve"], key=lambda p: p["val_acc"])
-    # The constraint mattered: the unconstrained best α would have broken it. Whether this
-    # run's training breaks the margin at all varies between test processes (seeds are
-    # fixed; the cause is not found yet, see the fine-tune issue): when it does not, there
-    # is nothing for the bound to act on, and the test says so instead of passing.
-    if not violating or best_val not in violating:
-        pytest.xfail(f"no α broke the control margin in this run: {report['alpha_curve']}")
-    assert report["alpha"] < best_val["alpha"]
-    assert "control" in (out / "report.md").read_text()
 
 
 @pytest.fixture
@@ -226,3 +198,48 @@ def test_lp_ft_method_runs_and_reports(tmp_path: Path, env: dict[str, str], doma
     assert report["config"]["method"] == "lp-ft"
     assert [e["epoch"] for e in report["history"]["epochs"]] == [1, 2]
     assert (out / "open_clip_model.safetensors").is_file()
+
+
+def test_reference_images_hold_the_base_embeddings(
+    tmp_path: Path, env: dict[str, str], domain: Path, control: Path
+) -> None:
+    """``--reference DIR`` (unlabelled everyday images) anchors feature distillation when
+    no control set is given: the tuned model's embeddings of other everyday images stay
+    closer to the base model's than after the same run without it."""
+    reference = control.parent / "images"
+    common = ["--data", str(domain), "--lr", "3e-3", "--epochs", "4", "--patience", "4"]
+    runs = {
+        "distilled": [*common, "--reference", str(reference), "--distill", "5"],
+        "plain": [*common, "--distill", "0"],
+    }
+    for name, args in runs.items():
+        proc = run_cli("finetune", *args, "--out", str(tmp_path / name), env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "distilled" / "report.json").read_text())
+    assert report["recipe"]["objective"] == [
+        "feature distillation to the base model on reference images"
+    ]
+    assert report["control"] is None
+    assert "No `--control` set was given" in (tmp_path / "distilled" / "report.md").read_text()
+    unseen = write_shape_set(
+        tmp_path / "unseen", per_class=8, style="filled", label="colour", seed=7
+    )
+    images = sorted((unseen.parent / "images").glob("*.png"))
+    base = embeddings(env["WORKER_MODEL__NAME"], images)
+    kept = {
+        name: float((base * embeddings(f"local-dir:{tmp_path / name}", images)).sum(-1).mean())
+        for name in runs
+    }
+    assert kept["distilled"] > kept["plain"], kept  # mean cosine to the base embeddings
+
+
+def embeddings(model_name: str, images: list[Path]) -> torch.Tensor:
+    model = load_model(model_name, None, device="cpu")
+    settings = Settings()
+    return embed_files(
+        model,
+        images,
+        None,
+        max_pixels=settings.image.max_pixels,
+        allowed_formats=settings.image.allowed_formats,
+    ).embeddings

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import Progress, TaskID
 
 from worker.cli.common import DataOption, progress_bar, state, stderr
 from worker.cli.errors import exits_on_errors, fail, require_exists
@@ -44,9 +46,31 @@ def finetune(
         int, typer.Option(min=1, help="lp-ft: epochs fitting the linear head first.")
     ] = 3,
     lp_lr: Annotated[float, typer.Option(min=0, help="lp-ft: learning rate of the head.")] = 1e-3,
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Most epochs of the full run; early stopping on validation picks the "
+            "epoch served (--patience). Default: about 240 optimizer steps, at least 10 "
+            "epochs. Giving --lr and --epochs skips the learning-rate sweep.",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = DEFAULT_BATCH_SIZE,
-    lr: Annotated[float, typer.Option(min=0, help="Peak learning rate (AdamW).")] = 1e-5,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Peak learning rate (AdamW). Default: chosen by a sweep of short runs over "
+            "1e-6…1e-2 scored on the validation split (and the control set); giving it "
+            "skips the sweep.",
+        ),
+    ] = None,
+    sweep_epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Epochs of each learning-rate trial [default: about 40 optimizer steps]."
+        ),
+    ] = None,
     weight_decay: Annotated[float, typer.Option(min=0)] = 0.1,
     warmup: Annotated[float, typer.Option(min=0, max=1, help="Share of steps warming up.")] = 0.1,
     grad_accum: Annotated[int, typer.Option(min=1, help="Batches per optimizer step.")] = 1,
@@ -54,8 +78,13 @@ def finetune(
         bool, typer.Option(help="Also train the text tower (frozen by default).")
     ] = False,
     patience: Annotated[
-        int, typer.Option(min=1, help="Epochs without val gain before stopping.")
-    ] = 3,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Epochs without a better validation score before stopping "
+            "[default: a quarter of --epochs, at least 3].",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     control: Annotated[
         Path | None,
@@ -66,6 +95,28 @@ def finetune(
     control_margin: Annotated[
         float, typer.Option(min=0, max=1, help="Allowed control accuracy drop (0.02 = 2 points).")
     ] = 0.02,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="A folder of unlabelled everyday images: the model is held to its base "
+            "embeddings on them (feature distillation) when no --control is given.",
+        ),
+    ] = None,
+    replay: Annotated[
+        bool,
+        typer.Option(help="Replay --control training images (their train split) in every batch."),
+    ] = True,
+    distill: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Weight of feature distillation to the base model on control/reference "
+            "images (0 turns it off).",
+        ),
+    ] = 1.0,
+    l2sp: Annotated[
+        float, typer.Option(min=0, help="Weight of the L2-SP pull towards the base weights.")
+    ] = 0.0,
     min_per_class: Annotated[int, typer.Option(min=1, help="Fewest train images per class.")] = 5,
     workers: Annotated[int, typer.Option(min=0, help="Data-loader processes.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
@@ -99,6 +150,8 @@ def finetune(
     require_exists(data, "--data")
     if control is not None:
         require_exists(control, "--control")
+    if reference is not None:
+        require_exists(reference, "--reference")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a directory")
     pending = (out / STATE_DIR / "state.pt").is_file()
@@ -107,15 +160,18 @@ def finetune(
     if pending and not resume:
         fail(f"{out} holds an interrupted run: add --resume, or choose another --out")
     train = TrainConfig(
-        epochs=epochs,
+        epochs=epochs or 1,
         batch_size=batch_size,
-        lr=lr,
+        lr=lr or 0.0,
+        replay=replay,
+        distill=distill,
+        l2sp=l2sp,
         weight_decay=weight_decay,
         warmup_ratio=warmup,
         grad_accum=grad_accum,
         train_text=train_text,
         method=method,
-        patience=patience,
+        patience=patience or 1,
         seed=seed,
         workers=workers,
         lp_epochs=lp_epochs,
@@ -130,7 +186,12 @@ def finetune(
             templates=templates,
             control=control,
             control_margin=control_margin,
+            reference=reference,
             alphas=DEFAULT_ALPHAS,
+            lr=lr,
+            epochs=epochs,
+            sweep_epochs=sweep_epochs,
+            patience=patience,
             min_per_class=min_per_class,
             resume=resume,
             train=train,
@@ -139,19 +200,6 @@ def finetune(
         stderr.print(f"data ok: {len(dataset.examples)} images, classes {', '.join(labels)}")
         model = load_configured_model(settings)
         progress = progress_bar(info=True, transient=False)
-        task = progress.add_task("epochs", total=epochs, info="")
-
-        def on_epoch(record: dict[str, float]) -> None:
-            progress.update(
-                task,
-                completed=record["epoch"],
-                info=f"loss {record['train_loss']:.3f} train {record['train_acc']:.1%} "
-                f"val {record['val_acc']:.1%}",
-            )
-
-        def on_step(epoch: int, batch: int, loss: float) -> None:
-            progress.update(task, info=f"epoch {epoch} batch {batch} loss {loss:.3f}")
-
         with progress:
             report = run_finetune(
                 settings,
@@ -160,11 +208,49 @@ def finetune(
                 dataset,
                 control_set,
                 labels,
-                {"epoch": on_epoch, "step": on_step},
+                _progress_hooks(progress),
             )
     paths = write(report, out)
     zs, ft = report["zero_shot"]["held_out_acc"], report["fine_tuned"]["held_out_acc"]
+    control_line = ""
+    if report["control"]:
+        c = report["control"]
+        control_line = f"; control {c['zero_shot_acc']:.1%} → {c['chosen_acc']:.1%}"
     stderr.print(
-        f"held-out accuracy {zs:.1%} zero-shot → {ft:.1%} fine-tuned (α = {report['alpha']:.1f}); "
-        f"wrote {report['checkpoint']} and {', '.join(p.name for p in paths)}"
+        f"held-out accuracy {zs:.1%} zero-shot → {ft:.1%} fine-tuned{control_line} "
+        f"(lr {report['config']['lr']:g}, epoch {report['best_epoch']}, "
+        f"α = {report['alpha']:.1f}); wrote {report['checkpoint']} and "
+        f"{', '.join(p.name for p in paths)}"
     )
+
+
+def _progress_hooks(progress: Progress) -> dict[str, Callable[..., None]]:
+    """Progress of the sweep (one row per trial) and of the full run (one per epoch)."""
+    tasks: dict[str, TaskID] = {}
+
+    def on_plan(stage: str, total: int) -> None:
+        label = {"sweep": "learning-rate trials", "train": "epochs"}[stage]
+        tasks[stage] = progress.add_task(label, total=total, info="")
+
+    def on_trial(trial: dict[str, float]) -> None:
+        control = trial.get("control_acc")
+        progress.update(
+            tasks["sweep"],
+            advance=1,
+            info=f"lr {trial['lr']:g}: val {trial['val_acc']:.1%}"
+            + (f", control {control:.1%}" if control is not None else ""),
+        )
+
+    def on_epoch(record: dict[str, float]) -> None:
+        control = record.get("control_acc")
+        progress.update(
+            tasks["train"],
+            completed=record["epoch"],
+            info=f"loss {record['train_loss']:.3f} val {record['val_acc']:.1%}"
+            + (f" control {control:.1%}" if control is not None else ""),
+        )
+
+    def on_step(epoch: int, batch: int, loss: float) -> None:
+        progress.update(tasks["train"], info=f"epoch {epoch} batch {batch} loss {loss:.3f}")
+
+    return {"plan": on_plan, "epoch": on_epoch, "step": on_step, "trial": on_trial}

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from worker.checkpoint import save_checkpoint
+from worker.engine import DecodeOptions, ModelInput, frame_inputs
 from worker.errors import DataError
 from worker.log import get_logger
 from worker.model import LoadedModel, fingerprint_model, model_config
 from worker.policy import LoadedPolicy
 from worker.settings import Settings
 from worker.tuning.datasets import Example, LabelledSet, read_labelled, validate
-from worker.tuning.embedder import embed_files
+from worker.tuning.embedder import decode_like_serving
 from worker.tuning.finetune_data import (
     ClassTexts,
     ImageDataset,
@@ -27,6 +34,7 @@ from worker.tuning.finetune_data import (
     needs_none,
 )
 from worker.tuning.trainer import (
+    Anchors,
     TrainConfig,
     Trainer,
     interpolate,
@@ -42,6 +50,12 @@ STATE_DIR = ".resume"
 DEFAULT_ALPHAS = tuple(round(a * 0.1, 1) for a in range(11))
 
 
+#: The learning-rate sweep: a log grid by decades, then the half-decades either side of
+#: the best. Decades cover both a ViT-B-32 (best near 1e-5) and small models (near 1e-3).
+LR_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+SWEEP_FILE = "sweep.json"
+
+
 @dataclass
 class FinetuneOptions:
     data: Path
@@ -51,10 +65,46 @@ class FinetuneOptions:
     control: Path | None = None
     control_templates: str = "simple"
     control_margin: float = 0.02
+    reference: Path | None = None  # unlabelled images for feature distillation
     alphas: Sequence[float] = DEFAULT_ALPHAS
     min_per_class: int = 5
     resume: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
+    lr: float | None = None  # None: chosen by the sweep
+    lr_grid: Sequence[float] = LR_GRID
+    epochs: int | None = None  # most epochs of the full run; None: from the data's size
+    sweep_epochs: int | None = None  # epochs of each trial; None: from the data's size
+    patience: int | None = None  # None: a quarter of the full run's epochs (at least 3)
+
+
+#: Optimizer steps the defaults aim at: a trial of the sweep runs about SWEEP_STEPS, the
+#: full run at most about FULL_STEPS (early stopping usually ends it sooner); a small data
+#: set therefore gets more epochs, a large one fewer, never under MIN_EPOCHS in full.
+SWEEP_STEPS = 40
+FULL_STEPS = 240
+MIN_EPOCHS = 10
+
+
+def schedule(opts: FinetuneOptions, train_images: int) -> dict[str, Any]:
+    """Epochs of the trials and of the full run, and the patience, with the reason."""
+    cfg = opts.train
+    steps = max(max(train_images // cfg.batch_size, 1) // cfg.grad_accum, 1)
+    epochs = opts.epochs or max(MIN_EPOCHS, math.ceil(FULL_STEPS / steps))
+    trial = opts.sweep_epochs or max(1, math.ceil(SWEEP_STEPS / steps))
+    patience = opts.patience or max(3, epochs // 4)
+    why = (
+        f"{train_images} training images make {steps} optimizer step(s) per epoch; "
+        + ("--epochs given" if opts.epochs else f"about {FULL_STEPS} steps at most")
+        + f" → {epochs} epoch(s), stopping after {patience} without a better validation "
+        f"score; each learning-rate trial runs {trial} epoch(s)"
+    )
+    return {
+        "steps_per_epoch": steps,
+        "epochs": min(epochs, 1000),
+        "trial_epochs": trial,
+        "patience": patience,
+        "why": why,
+    }
 
 
 @dataclass
@@ -64,8 +114,13 @@ class Scored:
 
 
 class Judge:
-    """Accuracy of the model's current weights on labelled examples, through the same
-    decode/preprocess/encode path the worker serves with."""
+    """Accuracy of the model's current weights on labelled examples, through the path the
+    worker serves with: each file is decoded and preprocessed once by the serving code
+    (:class:`worker.engine.DecodeOptions`, :func:`worker.engine.frame_inputs`) and kept
+    (up to ``HELD_FRAMES`` frames), then re-encoded at every call; an animation's frames
+    are averaged like eval's ``per_file_mean``."""
+
+    HELD_FRAMES = 4096
 
     def __init__(
         self,
@@ -79,20 +134,48 @@ class Judge:
         self.classes = classes
         self.examples = list(examples)
         self.index = classes.index()
+        self.options = DecodeOptions.from_settings(settings.image, model)
+        self.held: list[list[ModelInput]] | None = None
+
+    def _prepare(self) -> list[list[ModelInput]]:
+        if self.held is not None:
+            return self.held
+
+        def one(example: Example) -> list[ModelInput]:
+            decoded = self.options.open(example.path.read_bytes())
+            return frame_inputs(decoded, self.model).inputs
+
+        with ThreadPoolExecutor(self.settings.decode_workers or os.cpu_count() or 1) as pool:
+            inputs = list(pool.map(one, self.examples))
+        if sum(map(len, inputs)) <= self.HELD_FRAMES:
+            self.held = inputs
+        return inputs
+
+    @torch.no_grad()
+    def features(self) -> torch.Tensor:
+        """(N, D) L2-normalised embeddings, one per example."""
+        rows: list[torch.Tensor] = []
+        batch: list[ModelInput] = []
+        spans: list[int] = []
+        for frames in self._prepare():
+            spans.append(len(frames))
+            batch.extend(frames)
+        vectors = [
+            self.model.encode_images(self.model.batch_pixels(batch[i : i + 64])).float()
+            for i in range(0, len(batch), 64)
+        ]
+        flat = torch.cat(vectors) if vectors else torch.empty(0)
+        start = 0
+        for count in spans:
+            rows_of_file = flat[start : start + count]
+            rows.append(rows_of_file[0] if count == 1 else F.normalize(rows_of_file.mean(0), dim=0))
+            start += count
+        return torch.stack(rows)
 
     def score(self, heads: torch.Tensor) -> Scored:
         if not self.examples:
             return Scored(float("nan"), {})
-        features = embed_files(
-            self.model,
-            [e.path for e in self.examples],
-            None,
-            max_pixels=self.settings.image.max_pixels,
-            allowed_formats=self.settings.image.allowed_formats,
-            max_side=self.settings.image.max_side,
-            max_aspect_ratio=self.settings.image.max_aspect_ratio,
-            workers=self.settings.decode_workers,
-        ).embeddings.to(heads.device)
+        features = self.features().to(heads.device)
         predicted = (features @ heads.T).argmax(dim=1).cpu().numpy()
         truth = [{self.index[label] for label in (e.labels or ("none",))} for e in self.examples]
         hits = np.array([p in t for p, t in zip(predicted, truth, strict=True)])
@@ -132,11 +215,239 @@ def check_data(opts: FinetuneOptions) -> tuple[LabelledSet, LabelledSet | None, 
         try:
             control = read_labelled(opts.control)
             validate(control, classes=None, min_per_class=1, splits=())
+            replay, judged = split_control(control)
+            if not replay or not judged:
+                problems.append(
+                    f"control: {opts.control} needs images in its train split (replayed in "
+                    f"training) and in val or test (judged): it has {len(replay)} and "
+                    f"{len(judged)}; add a split column, or more images"
+                )
         except DataError as exc:
             problems.extend(f"control: {p}" for p in exc.problems)
+    if opts.reference is not None and not reference_images(opts.reference):
+        problems.append(f"--reference {opts.reference}: no images found")
     if problems:
         raise DataError(list(dict.fromkeys(problems)))
     return data, control, classes
+
+
+def split_control(control: LabelledSet) -> tuple[list[Example], list[Example]]:
+    """The control set's replay part (its train split) and its judged part (val + test):
+    what the recipe trains on is never what it is judged by."""
+    return control.split("train"), [e for e in control.examples if e.split != "train"]
+
+
+class FinetuneRun:
+    """Everything one `worker finetune` needs between loading the data and writing the
+    checkpoint: the judges, the anchors, the base weights, the sweep and the full run."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: LoadedModel,
+        opts: FinetuneOptions,
+        data: LabelledSet,
+        control: LabelledSet | None,
+        labels: list[str],
+        hooks: dict[str, Callable[..., None]],
+    ) -> None:
+        self.settings, self.model, self.opts, self.data = settings, model, opts, data
+        self.hooks = hooks
+        self.state_dir = opts.out / STATE_DIR
+        policy = opts.policy.policy if opts.policy else None
+        self.classes = class_texts(
+            labels, policy=policy, templates=opts.templates, needs_none=needs_none(data)
+        )
+        self.heads = class_heads(model, self.classes)
+        self.val = Judge(model, settings, self.classes, data.split("val"))
+        self.held_out = data.split("test") or data.split("val")
+        self.test = Judge(model, settings, self.classes, self.held_out)
+        self.control_judge: Judge | None = None
+        self.control_heads: torch.Tensor | None = None
+        anchors: list[Example] = []
+        if control is not None:
+            known = set(policy.class_ids()) if policy is not None else set()
+            control_classes = class_texts(  # the policy's own texts when it names the labels
+                control.classes,
+                policy=policy if set(control.classes) <= known else None,
+                templates=opts.control_templates,
+                needs_none=needs_none(control),
+            )
+            self.control_heads = class_heads(model, control_classes)
+            replay, judged = split_control(control)
+            self.control_judge = Judge(model, settings, control_classes, judged)
+            anchors = replay
+            self.control_index = control_classes.index()
+        self.anchor_examples = anchors
+        self.reference = reference_images(opts.reference) if opts.reference else []
+        self.schedule = schedule(opts, len(data.split("train")))
+        self.names = trainable_names(model.model, opts.train.train_text)
+        self.zero_shot = trainable_state(model.model, self.names)
+        self.before_control = self.control_acc()
+        self.floor = None
+        if self.before_control is not None:
+            self.floor = self.before_control - opts.control_margin - 1e-9
+
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        cfg = PreprocessCfg(**model.model.visual.preprocess_cfg)
+        self.train_tf = image_transform_v2(cfg, is_train=True)
+
+    # ------------------------------------------------------------------ judging
+
+    def control_acc(self) -> float | None:
+        if self.control_judge is None or self.control_heads is None:
+            return None
+        return self.control_judge.score(self.control_heads).accuracy
+
+    def evaluate(self) -> dict[str, float]:
+        record = {"val_acc": self.val.score(self.heads).accuracy}
+        control = self.control_acc()
+        if control is not None:
+            record["control_acc"] = control
+        return record
+
+    def rank(self, record: dict[str, float]) -> tuple[float, ...]:
+        """Within the control margin first, then domain validation accuracy; outside it,
+        the smallest control drop first."""
+        if self.floor is None or "control_acc" not in record:
+            return (1.0, record["val_acc"], 0.0)
+        if record["control_acc"] >= self.floor:
+            return (1.0, record["val_acc"], record["control_acc"])
+        return (0.0, record["control_acc"], record["val_acc"])
+
+    # ------------------------------------------------------------------ training
+
+    def anchors(self) -> Anchors | None:
+        cfg = self.opts.train
+        if self.anchor_examples and self.control_heads is not None:
+            dataset = self.dataset(self.anchor_examples, self.control_index)
+            return Anchors(dataset, self.control_heads)
+        if self.reference and cfg.distill > 0:
+            return Anchors(self.dataset(self.reference, {}))
+        return None
+
+    def dataset(self, examples: Sequence[Example], index: dict[str, int]) -> ImageDataset:
+        """Training images decoded as the worker serves them, augmented on top."""
+        settings, model = self.settings, self.model
+        return ImageDataset(
+            examples, index, self.train_tf, lambda data: decode_like_serving(data, settings, model)
+        )
+
+    def trainer(self, config: TrainConfig, state_dir: Path | None) -> Trainer:
+        return Trainer(
+            self.model,
+            self.classes,
+            self.heads,
+            self.dataset(self.data.split("train"), self.classes.index()),
+            self.evaluate,
+            config,
+            state_dir,
+            anchors=self.anchors(),
+            rank=self.rank,
+        )
+
+    def sweep(self) -> tuple[float, list[dict[str, Any]]]:
+        """Short runs over a log grid of learning rates, then the half-decades around the
+        best; returns the chosen rate and every trial. Finished trials survive a kill."""
+        opts = self.opts
+        path = self.state_dir / SWEEP_FILE
+        trials: list[dict[str, Any]] = []
+        if opts.resume and path.is_file():
+            trials = json.loads(path.read_text())
+        done = {t["lr"] for t in trials}
+
+        def run(lr: float) -> None:
+            if lr in done:
+                if "trial" in self.hooks:
+                    self.hooks["trial"](next(t for t in trials if t["lr"] == lr))
+                return
+            load_trainable(self.model.model, self.zero_shot)
+            seed_everything(opts.train.seed)
+            epochs = self.schedule["trial_epochs"]
+            config = replace(opts.train, lr=lr, epochs=epochs, patience=10**6)
+            started = time.perf_counter()
+            trainer = self.trainer(config, None)
+            trainer.fit()
+            best = trainer.history.epochs[trainer.best_epoch - 1]
+            trial = {
+                "lr": lr,
+                "epochs": epochs,
+                "best_epoch": trainer.best_epoch,
+                "val_acc": best["val_acc"],
+                "control_acc": best.get("control_acc"),
+                "seconds": round(time.perf_counter() - started, 2),
+                "history": [
+                    {k: e[k] for k in ("epoch", "val_acc", "control_acc") if k in e}
+                    for e in trainer.history.epochs
+                ],
+            }
+            trials.append(trial)
+            done.add(lr)
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(trials, indent=1))
+            log.info("finetune.trial", **{k: v for k, v in trial.items() if k != "history"})
+            if "trial" in self.hooks:
+                self.hooks["trial"](trial)
+
+        def best() -> dict[str, Any]:
+            return max(trials, key=lambda t: (self.rank(_record(t)), -t["lr"]))
+
+        if "plan" in self.hooks:
+            self.hooks["plan"]("sweep", len(opts.lr_grid) + 2)
+        for lr in opts.lr_grid:
+            run(lr)
+        centre = best()["lr"]
+        for lr in (centre / math.sqrt(10), centre * math.sqrt(10)):
+            run(float(f"{lr:.3g}"))
+        chosen = best()
+        log.info("finetune.lr_chosen", lr=chosen["lr"], val_acc=chosen["val_acc"])
+        load_trainable(self.model.model, self.zero_shot)
+        return chosen["lr"], sorted(trials, key=lambda t: t["lr"])
+
+    def wise(self, tuned: dict[str, torch.Tensor]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The WiSE-FT α curve and the α chosen on validation under the control margin."""
+        curve = []
+        for alpha in self.opts.alphas:
+            load_trainable(self.model.model, interpolate(self.zero_shot, tuned, alpha))
+            point = {"alpha": float(alpha), **self.evaluate()}
+            curve.append(point)
+            log.info("finetune.alpha", **point)
+        chosen = max(curve, key=lambda p: (self.rank(p), -p["alpha"]))
+        load_trainable(self.model.model, interpolate(self.zero_shot, tuned, chosen["alpha"]))
+        return chosen, curve
+
+
+def _record(trial: dict[str, Any]) -> dict[str, float]:
+    record = {"val_acc": trial["val_acc"]}
+    if trial.get("control_acc") is not None:
+        record["control_acc"] = trial["control_acc"]
+    return record
+
+
+def reference_images(folder: Path) -> list[Example]:
+    """The unlabelled ``--reference`` images (distillation anchors)."""
+    from worker.fetcher import IMAGE_SUFFIXES
+
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [Example(p, (), "train", str(p)) for p in paths]
+
+
+def recipe(opts: FinetuneOptions, run: FinetuneRun, swept: bool) -> dict[str, Any]:
+    """What the objective held on to, in words for the report."""
+    cfg = opts.train
+    anchors = []
+    if run.anchor_examples and cfg.replay:
+        anchors.append(f"replay of {len(run.anchor_examples)} control images")
+    if (run.anchor_examples or run.reference) and cfg.distill > 0:
+        source = "control" if run.anchor_examples else "reference"
+        anchors.append(f"feature distillation to the base model on {source} images")
+    if cfg.l2sp > 0:
+        anchors.append(f"L2-SP ({cfg.l2sp:g})")
+    return {
+        "objective": anchors or ["domain loss only"],
+        "lr": "chosen by the sweep" if swept else "given (--lr)",
+    }
 
 
 def run_finetune(
@@ -150,96 +461,62 @@ def run_finetune(
 ) -> dict[str, Any]:
     hooks = hooks or {}
     seed_everything(opts.train.seed)
-    state_dir = opts.out / STATE_DIR
-    resume_state = load_resume(state_dir) if opts.resume else None
-    classes = class_texts(
-        labels,
-        policy=opts.policy.policy if opts.policy else None,
-        templates=opts.templates,
-        needs_none=needs_none(data),
+    started = time.perf_counter()
+    run = FinetuneRun(settings, model, opts, data, control, labels, hooks)
+    before_test = run.test.score(run.heads)
+    before_val = run.val.score(run.heads).accuracy
+    resume_state = load_resume(run.state_dir) if opts.resume else None
+
+    trials: list[dict[str, Any]] = []
+    lr = opts.lr
+    if lr is None and resume_state is not None:
+        lr = resume_state["config"]["lr"]  # the sweep had finished before the kill
+    if lr is None:
+        lr, trials = run.sweep()
+    elif opts.resume and (run.state_dir / SWEEP_FILE).is_file():
+        trials = json.loads((run.state_dir / SWEEP_FILE).read_text())
+    config = replace(
+        opts.train, lr=lr, epochs=run.schedule["epochs"], patience=run.schedule["patience"]
     )
-    heads = class_heads(model, classes)
-    val = Judge(model, settings, classes, data.split("val"))
-    held_out = data.split("test") or data.split("val")
-    test = Judge(model, settings, classes, held_out)
-    control_judge = control_heads = None
-    if control is not None:
-        control_classes = class_texts(
-            control.classes,
-            policy=None,
-            templates=opts.control_templates,
-            needs_none=needs_none(control),
-        )
-        control_heads = class_heads(model, control_classes)
-        control_judge = Judge(model, settings, control_classes, control.examples)
-    names = trainable_names(model.model, opts.train.train_text)
-    zero_shot = trainable_state(model.model, names)
-    before_test = test.score(heads)
-    before_val = val.score(heads).accuracy
-
-    def control_accuracy() -> float | None:
-        if control_judge is None or control_heads is None:
-            return None
-        return control_judge.score(control_heads).accuracy
-
-    before_control = control_accuracy()
-
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    train_tf = image_transform_v2(PreprocessCfg(**model.model.visual.preprocess_cfg), is_train=True)
-    trainer = Trainer(
-        model,
-        classes,
-        heads,
-        ImageDataset(data.split("train"), classes.index(), train_tf),
-        lambda: val.score(heads).accuracy,
-        opts.train,
-        state_dir,
-    )
+    seed_everything(opts.train.seed)
+    if "plan" in hooks:
+        hooks["plan"]("train", config.epochs)
+    trainer = run.trainer(config, run.state_dir)
     probe = None
-    if opts.train.method == "lp-ft" and resume_state is None:
+    if config.method == "lp-ft" and resume_state is None:
         probe = trainer.linear_probe(hooks.get("lp_epoch"))
     tuned = trainer.fit(resume_state, hooks.get("step"), hooks.get("epoch"), probe)
-
-    curve = []
-    for alpha in opts.alphas:
-        load_trainable(model.model, interpolate(zero_shot, tuned, alpha))
-        point = {"alpha": float(alpha), "val_acc": val.score(heads).accuracy}
-        control_acc = control_accuracy()
-        if control_acc is not None:
-            point["control_acc"] = control_acc
-        curve.append(point)
-        log.info("finetune.alpha", **point)
-    floor = (before_control - opts.control_margin) if before_control is not None else None
-    allowed = [p for p in curve if floor is None or p["control_acc"] >= floor - 1e-12]
-    chosen = max(allowed, key=lambda p: (p["val_acc"], -p["alpha"]))
-    load_trainable(model.model, interpolate(zero_shot, tuned, chosen["alpha"]))
-    after_test = test.score(heads)
-    after_val = val.score(heads).accuracy
-    after_control = control_accuracy()
+    chosen, curve = run.wise(tuned)
+    after_test = run.test.score(run.heads)
+    after_val = run.val.score(run.heads).accuracy
+    after_control = run.control_acc()
 
     cfg = model_config(model.name)
     name = save_checkpoint(model.model, cfg, opts.out)
     fingerprint = fingerprint_model(model.model, cfg)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(run.state_dir, ignore_errors=True)
     history = trainer.history
     return {
         "checkpoint": name,
         "base_model": model.describe(),
         "fingerprint": fingerprint,
-        "classes": classes.ids,
+        "classes": run.classes.ids,
         "data": {
             "source": str(opts.data),
             "train": len(data.split("train")),
             "val": len(data.split("val")),
-            "held_out": len(held_out),
+            "held_out": len(run.held_out),
             "held_out_split": "test" if data.split("test") else "val",
         },
         "config": {
-            **asdict(opts.train),
+            **asdict(config),
             "templates": opts.templates,
             "policy": opts.policy.name if opts.policy else None,
         },
+        "recipe": recipe(opts, run, swept=opts.lr is None),
+        "sweep": trials,
+        "schedule": run.schedule,
+        "best_epoch": trainer.best_epoch,
         "zero_shot": {
             "held_out_acc": before_test.accuracy,
             "val_acc": before_val,
@@ -253,19 +530,22 @@ def run_finetune(
         "alpha": chosen["alpha"],
         "alpha_curve": curve,
         "control": None
-        if before_control is None
+        if run.before_control is None
         else {
             "source": str(opts.control),
-            "zero_shot_acc": before_control,
+            "replayed": len(run.anchor_examples),
+            "judged": len(run.control_judge.examples) if run.control_judge else 0,
+            "zero_shot_acc": run.before_control,
             "chosen_acc": after_control,
             "margin": opts.control_margin,
             "within_margin": after_control is not None
-            and after_control >= before_control - opts.control_margin - 1e-12,
+            and after_control >= run.before_control - opts.control_margin - 1e-9,
         },
         "history": {"epochs": history.epochs, "steps": history.steps},
         "throughput": {
             "train_images_per_s": history.images_per_s,
             "peak_memory_mb": history.peak_memory_mb,
             "device": str(model.device),
+            "seconds": round(time.perf_counter() - started, 1),
         },
     }

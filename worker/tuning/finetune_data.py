@@ -73,7 +73,10 @@ def class_heads(model: LoadedModel, classes: ClassTexts) -> torch.Tensor:
 
 
 def targets(example: Example, index: dict[str, int]) -> torch.Tensor:
-    """Soft target over classes: uniform over the example's labels (or ``none``)."""
+    """Soft target over classes: uniform over the example's labels (or ``none``); an
+    empty ``index`` (unlabelled reference images) gives an empty target."""
+    if not index:
+        return torch.zeros(0)
     target = torch.zeros(len(index))
     for label in example.labels or (NONE_LABEL,):
         target[index[label]] = 1.0
@@ -81,24 +84,30 @@ def targets(example: Example, index: dict[str, int]) -> torch.Tensor:
 
 
 class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Training examples: ``decode`` gives the frames the worker would score (the serving
+    decoder: JPEG draft mode, an animation's frames), ``transform`` augments one of them
+    (a random frame of an animation) — on top of the serving decode, never instead."""
+
     def __init__(
         self,
         examples: Sequence[Example],
         index: dict[str, int],
         transform: Callable[[Image.Image], torch.Tensor],
+        decode: Callable[[bytes], list[Image.Image]],
     ) -> None:
         self.examples = list(examples)
         self.index = index
         self.transform = transform
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         example = self.examples[i]
-        with Image.open(example.path) as img:
-            pixels = self.transform(img.convert("RGB"))
-        return pixels, targets(example, self.index)
+        frames = self.decode(example.path.read_bytes())
+        frame = frames[int(torch.randint(len(frames), ()))] if len(frames) > 1 else frames[0]
+        return self.transform(frame), targets(example, self.index)
 
 
 def needs_none(data: LabelledSet) -> bool:

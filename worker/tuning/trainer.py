@@ -1,28 +1,35 @@
-"""`worker finetune`: adapt the image tower to a labelled domain without losing zero-shot skill.
+"""One fine-tuning run of the image tower (``Trainer.fit``), as `worker finetune` uses it.
 
-Method (defaults a practitioner would choose; all switchable):
+The loss (docs/tuning.md has the recipe and the figures behind it):
 
-1. **Contrastive fine-tuning against the class prompts** (FLYP-style): the loss is CLIP's,
-   image embeddings against the class texts' embeddings, scaled by the model's learnable
-   temperature. The text tower is frozen by default, so the class heads are the same
-   zero-shot heads the worker serves. ``--train-text`` also trains it (a sampled
-   template per class per step, as FLYP does).
-   ``--method lp-ft`` first fits a linear head initialised from the zero-shot heads with the
-   image tower frozen, then fine-tunes everything.
-2. **WiSE-FT**: the served weights are ``(1-α)·zero-shot + α·fine-tuned``; α is chosen on the
-   validation split, and with ``--control`` only among α whose control-set accuracy stays
-   within ``--control-margin`` of zero-shot.
+1. **Domain**: contrastive against the class prompts (FLYP-style): image embeddings
+   against the class texts' embeddings, scaled by the model's learnable temperature. The
+   text tower is frozen by default, so the class heads are the zero-shot heads the worker
+   serves. ``--train-text`` also trains it (a sampled template per class per step).
+   ``--method lp-ft`` first fits a linear head initialised from the zero-shot heads.
+2. **Anchors**, so that what the domain data do not cover is not forgotten: every batch
+   also carries anchor images (the ``--control`` set's training part, or ``--reference``
+   images), encoded in the same forward pass.
+
+   - *replay*: labelled control images against their own class heads (the same loss);
+   - *distillation* (ZSCL-style feature distillation, which subsumes LwF's logit
+     distillation: equal features give equal logits for every text): ``1 - cos`` between
+     the image embedding and the frozen base model's embedding of the same augmented view;
+   - *L2-SP* (option): squared distance of the trainable weights to the base weights.
 
 AdamW, linear warm-up then cosine decay, gradient accumulation, autocast on GPU, a seed,
-early stopping on validation accuracy, and a resume state written after every epoch.
+early stopping on a caller-given ranking of epochs (validation accuracy, control accuracy
+within its margin), and a resume state written after every epoch.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +50,10 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-5
+    replay: bool = True  # replay labelled anchors (the control set) against their heads
+    distill: float = 1.0  # weight of feature distillation on anchor images (0: off)
+    l2sp: float = 0.0  # weight of the L2-SP penalty (0: off)
+    anchor_share: float = 0.5  # anchor images per batch, as a share of batch_size
     weight_decay: float = 0.1
     warmup_ratio: float = 0.1
     grad_accum: int = 1
@@ -53,6 +64,16 @@ class TrainConfig:
     patience: int = 3
     seed: int = 0
     workers: int = 0
+
+
+@dataclass
+class Anchors:
+    """Images that hold the base model's behaviour while the domain trains. ``heads`` are
+    the anchors' own class heads (labelled control images, replayed); without them the
+    anchors serve feature distillation only (unlabelled reference images)."""
+
+    dataset: torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]
+    heads: torch.Tensor | None = None
 
 
 @dataclass
@@ -116,8 +137,16 @@ def _autocast(device: torch.device) -> Any:
     return torch.autocast("cuda", dtype=dtype)
 
 
+Rank = Callable[[dict[str, float]], tuple[float, ...]]
+
+
+def by_val_acc(record: dict[str, float]) -> tuple[float, ...]:
+    return (record["val_acc"],)
+
+
 class Trainer:
-    """One fine-tuning run; ``fit`` can be resumed from the state it saves each epoch."""
+    """One fine-tuning run; ``fit`` can be resumed from the state it saves each epoch
+    (when it has a ``state_dir``)."""
 
     def __init__(
         self,
@@ -125,9 +154,11 @@ class Trainer:
         classes: ClassTexts,
         heads: torch.Tensor,
         train_set: ImageDataset,
-        evaluate: Callable[[], float],
+        evaluate: Callable[[], dict[str, float]],
         config: TrainConfig,
-        state_dir: Path,
+        state_dir: Path | None,
+        anchors: Anchors | None = None,
+        rank: Rank = by_val_acc,
     ) -> None:
         self.m = model
         self.net = model.model
@@ -135,11 +166,17 @@ class Trainer:
         self.zero_shot_heads = heads
         self.train_set = train_set
         self.evaluate = evaluate
+        self.rank = rank
         self.cfg = config
         self.state_dir = state_dir
+        self.anchors = anchors
         self.names = trainable_names(self.net, config.train_text)
         self.history = History()
         self.tokenizer = model.tokenizer
+        self.base = trainable_state(self.net, self.names) if config.l2sp > 0 else None
+        self.teacher = None
+        if anchors is not None and config.distill > 0:  # the frozen base image tower
+            self.teacher = copy.deepcopy(self.net.visual).eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ the loss
 
@@ -152,15 +189,50 @@ class Trainer:
         tokens = self.tokenizer(texts).to(self.m.device)
         return F.normalize(self.net.encode_text(tokens), dim=-1)
 
+    @staticmethod
+    def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
     def _step_loss(
-        self, pixels: torch.Tensor, target: torch.Tensor, probe: torch.Tensor | None
+        self,
+        pixels: torch.Tensor,
+        target: torch.Tensor,
+        probe: torch.Tensor | None,
+        anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, int]:
+        n = len(pixels)
+        batch = pixels if anchor is None else torch.cat([pixels, anchor[0]])
         with _autocast(self.m.device):
-            features = F.normalize(self.net.encode_image(pixels), dim=-1)
-            logits = self.net.logit_scale.exp() * features.float() @ self._heads(probe).float().T
-        loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+            features = F.normalize(self.net.encode_image(batch), dim=-1).float()
+        scale = self.net.logit_scale.exp()
+        logits = scale * features[:n] @ self._heads(probe).float().T
+        loss = self._cross_entropy(logits, target)
         correct = int((target.gather(1, logits.argmax(dim=1, keepdim=True)) > 0).sum())
+        if anchor is not None:
+            loss = loss + self._anchor_loss(features[n:], *anchor, scale)
+        if self.base is not None:
+            params = dict(self.net.named_parameters())
+            drift = sum(
+                torch.sum((params[name].float() - base.float()) ** 2)
+                for name, base in self.base.items()
+                if params[name].requires_grad
+            )
+            loss = loss + self.cfg.l2sp * drift
         return loss, correct
+
+    def _anchor_loss(
+        self, features: torch.Tensor, pixels: torch.Tensor, target: torch.Tensor, scale: Any
+    ) -> torch.Tensor:
+        assert self.anchors is not None
+        loss = features.new_zeros(())
+        if self.cfg.replay and self.anchors.heads is not None:
+            logits = scale * features @ self.anchors.heads.float().T
+            loss = loss + self._cross_entropy(logits, target)
+        if self.teacher is not None:
+            with torch.no_grad(), _autocast(self.m.device):
+                reference = F.normalize(self.teacher(pixels).float(), dim=-1)
+            loss = loss + self.cfg.distill * (1 - (features * reference).sum(-1)).mean()
+        return loss
 
     # ------------------------------------------------------------------ one phase
 
@@ -173,16 +245,33 @@ class Trainer:
                 params.append(param)
         return params
 
-    def _loader(self, epoch: int) -> torch.utils.data.DataLoader[Any]:
+    def _loader(
+        self, dataset: Any, epoch: int, batch_size: int
+    ) -> torch.utils.data.DataLoader[Any]:
         generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
         return torch.utils.data.DataLoader(
-            self.train_set,
-            batch_size=self.cfg.batch_size,
+            dataset,
+            batch_size=batch_size,
             shuffle=True,
-            drop_last=len(self.train_set) > self.cfg.batch_size,
+            drop_last=len(dataset) > batch_size,
             num_workers=self.cfg.workers,
             generator=generator,
             pin_memory=self.m.device.type == "cuda",
+        )
+
+    def _domain_loader(self, epoch: int) -> torch.utils.data.DataLoader[Any]:
+        return self._loader(self.train_set, epoch, self.cfg.batch_size)
+
+    def _anchor_stream(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Anchor batches without end (the anchor set is reshuffled each time it runs out)."""
+        if self.anchors is None or self.cfg.anchor_share <= 0:
+            return None
+        if not self.cfg.replay and self.teacher is None:
+            return None
+        size = max(1, round(self.cfg.batch_size * self.cfg.anchor_share))
+        dataset = self.anchors.dataset
+        return itertools.chain.from_iterable(
+            self._loader(dataset, 10_000 * (epoch + 1) + k, size) for k in itertools.count()
         )
 
     def linear_probe(self, on_epoch: Callable[[int, float], None] | None = None) -> torch.Tensor:
@@ -193,7 +282,7 @@ class Trainer:
         self.net.train()
         for epoch in range(self.cfg.lp_epochs):
             total, count = 0.0, 0
-            for batch, labels in self._loader(1000 + epoch):
+            for batch, labels in self._domain_loader(1000 + epoch):
                 pixels, target = batch.to(self.m.device), labels.to(self.m.device)
                 loss, _ = self._step_loss(pixels, target, probe)
                 optimizer.zero_grad()
@@ -213,7 +302,7 @@ class Trainer:
         if probe_param is not None:
             params.append(probe_param)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        total = max(len(self._loader(0)) // cfg.grad_accum, 1) * cfg.epochs
+        total = max(len(self._domain_loader(0)) // cfg.grad_accum, 1) * cfg.epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total, int(total * cfg.warmup_ratio))
         )
@@ -231,10 +320,16 @@ class Trainer:
         self.net.train()
         running, count, correct = 0.0, 0, 0
         run.optimizer.zero_grad()
-        for index, (batch, labels) in enumerate(self._loader(epoch)):
-            pixels = batch.to(self.m.device, non_blocking=True)
-            target = labels.to(self.m.device, non_blocking=True)
-            loss, hits = self._step_loss(pixels, target, run.probe)
+        anchors = self._anchor_stream(epoch)
+        device = self.m.device
+        for index, (batch, labels) in enumerate(self._domain_loader(epoch)):
+            pixels = batch.to(device, non_blocking=True)
+            target = labels.to(device, non_blocking=True)
+            anchor = None
+            if anchors is not None:
+                a_pixels, a_target = next(anchors)
+                anchor = (a_pixels.to(device, non_blocking=True), a_target.to(device))
+            loss, hits = self._step_loss(pixels, target, run.probe, anchor)
             run.scaler.scale(loss / cfg.grad_accum).backward()
             if (index + 1) % cfg.grad_accum == 0:
                 run.scaler.step(run.optimizer)
@@ -249,7 +344,7 @@ class Trainer:
                 count + len(pixels),
                 correct + hits,
             )
-            run.seen += len(pixels)
+            run.seen += len(pixels) + (0 if anchor is None else len(anchor[0]))
             self.history.steps.append((len(self.history.steps) + 1, value))
             if on_step:
                 on_step(epoch + 1, index + 1, value)
@@ -262,7 +357,7 @@ class Trainer:
         on_epoch: Callable[[dict[str, float]], None] | None = None,
         probe: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Train; returns the best trainable state (by validation accuracy)."""
+        """Train; returns the trainable state of the best epoch by ``rank``."""
         optimizer, scheduler, scaler, probe_param = self._optimizer(probe)
         run = _Run(
             optimizer,
@@ -283,21 +378,21 @@ class Trainer:
                 "epoch": epoch + 1,
                 "train_loss": loss,
                 "train_acc": train_acc,
-                "val_acc": self.evaluate(),
+                **self.evaluate(),
                 "lr": float(scheduler.get_last_lr()[0]),
             }
             self.history.epochs.append(record)
-            if record["val_acc"] > run.best_acc:
-                run.best_acc, run.bad_epochs = record["val_acc"], 0
+            if run.best_rank is None or self.rank(record) > run.best_rank:
+                run.best_rank, run.bad_epochs = self.rank(record), 0
+                run.best_epoch = epoch + 1
                 run.best_state = trainable_state(self.net, self.names)
             else:
                 run.bad_epochs += 1
             self._save(epoch + 1, run)
-            log.info("finetune.epoch_saved", **record)
             if on_epoch:
                 on_epoch(record)
             if run.bad_epochs >= self.cfg.patience:
-                log.info("finetune.early_stopped", epoch=epoch + 1, best_val_acc=run.best_acc)
+                log.info("finetune.early_stopped", epoch=epoch + 1, best_epoch=run.best_epoch)
                 break
         elapsed = time.perf_counter() - started
         if run.seen and elapsed > 0:
@@ -306,6 +401,7 @@ class Trainer:
             self.history.peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
         for param in self.net.parameters():
             param.requires_grad_(False)
+        self.best_epoch = run.best_epoch
         return run.best_state
 
     def _restore(self, run: _Run, state: dict[str, Any]) -> None:
@@ -315,11 +411,12 @@ class Trainer:
         if run.probe is not None and state.get("probe") is not None:
             with torch.no_grad():
                 run.probe.copy_(state["probe"])
-        run.start_epoch, run.best_acc, run.bad_epochs = (
+        run.start_epoch, run.best_rank, run.bad_epochs = (
             state["epoch"],
-            state["best_acc"],
+            state["best_rank"],
             state["bad_epochs"],
         )
+        run.best_epoch = state["best_epoch"]
         run.best_state = state["best_state"]
         self.history = state["history"]
         torch.set_rng_state(state["rng"])
@@ -327,13 +424,19 @@ class Trainer:
         log.info("finetune.resumed", from_epoch=run.start_epoch + 1)
 
     def _save(self, epoch: int, run: _Run) -> None:
+        record = self.history.epochs[-1] if self.history.epochs else {}
+        if self.state_dir is None:
+            log.info("finetune.trial_epoch", **record)
+            return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = {
             "epoch": epoch,
+            "config": {"lr": self.cfg.lr, "epochs": self.cfg.epochs},
             "trainable": trainable_state(self.net, self.names),
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
-            "best_acc": run.best_acc,
+            "best_rank": run.best_rank,
+            "best_epoch": run.best_epoch,
             "bad_epochs": run.bad_epochs,
             "best_state": run.best_state,
             "probe": run.probe.detach().clone() if run.probe is not None else None,
@@ -344,6 +447,7 @@ class Trainer:
         tmp = self.state_dir / (RESUME_FILE + ".tmp")
         torch.save(state, tmp)
         tmp.replace(self.state_dir / RESUME_FILE)
+        log.info("finetune.epoch_saved", **record)
 
 
 @dataclass
@@ -356,7 +460,8 @@ class _Run:
     probe: torch.nn.Parameter | None
     best_state: dict[str, torch.Tensor]
     start_epoch: int = 0
-    best_acc: float = -1.0
+    best_rank: tuple[float, ...] | None = None
+    best_epoch: int = 0
     bad_epochs: int = 0
     seen: int = 0
 
