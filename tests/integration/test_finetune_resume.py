@@ -54,3 +54,31 @@ def test_interrupted_run_resumes_not_restarts(tmp_path: Path, env: dict[str, str
     report = json.loads((out / "report.json").read_text())
     assert [e["epoch"] for e in report["history"]["epochs"]] == list(range(1, 7))
     assert not (out / ".resume").exists()  # cleaned up once finished
+
+
+def test_run_killed_in_the_learning_rate_sweep_keeps_its_finished_trials(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """The default run (no --lr) starts with a sweep; a kill after its first trial loses
+    that trial only: --resume runs the remaining ones and the full run."""
+    domain = write_finetune_domain(tmp_path / "domain")
+    out = tmp_path / "ckpt"
+    run = ["finetune", "--data", str(domain), "--out", str(out), "--epochs", "3"]
+    first = WorkerProcess(env, tmp_path / "first.log", run, command=())
+    try:
+        first.wait_for("finetune.trial", timeout=300)
+    finally:
+        first.kill(30)
+    finished = [e["lr"] for e in first.events("finetune.trial")]
+    assert finished
+    assert not (out / "report.json").exists()
+
+    resumed = cli(env, *run, "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    events = [json.loads(x) for x in resumed.stderr.splitlines() if x.startswith("{")]
+    rerun = [e["lr"] for e in events if e["event"] == "finetune.trial"]
+    assert not set(rerun) & set(finished), (finished, rerun)
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["sweep"]) == 7
+    assert {t["lr"] for t in report["sweep"]} >= set(finished) | set(rerun)
+    assert report["config"]["lr"] in {t["lr"] for t in report["sweep"]}

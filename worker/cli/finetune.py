@@ -121,12 +121,21 @@ def finetune(
     workers: Annotated[int, typer.Option(min=0, help="Data-loader processes.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out.")] = False,
 ) -> None:
-    """Fine-tune the image tower on labelled domain data, pick a WiSE-FT α, write a checkpoint.
+    """Adapt the model to labelled domain data without losing what it knew; write a checkpoint.
+
+    With no flags beyond --data (and --policy), the learning rate is chosen by a sweep of
+    short runs over 1e-6…1e-2 scored on the validation split, and the epochs by early
+    stopping. Give --control (a labelled everyday set): its train split is replayed in
+    every batch, the model is held to the base model's embeddings on it (feature
+    distillation), and the learning rate, the epoch and the WiSE-FT α are chosen only
+    where its held-out part stays within --control-margin. Without --control, --reference
+    (unlabelled everyday images) anchors the distillation.
 
     The data are checked first (missing files, unreadable images, unknown labels, empty or
-    tiny classes) and nothing trains until every problem is fixed. The output directory
-    then holds an open_clip local-dir checkpoint (serve it with
-    WORKER_MODEL__NAME=local-dir:OUT), report.json, report.md and training_curve.png.
+    tiny classes) and nothing trains until every problem is fixed. --out then holds an
+    open_clip local-dir checkpoint (serve it with WORKER_MODEL__NAME=local-dir:OUT),
+    report.md (domain and control accuracy before and after, the recipe chosen and why),
+    report.json, training_curve.png and frontier.png. docs/tuning.md explains the recipe.
     """
     # The model stack loads here, not at import: `worker --help` and the light client stay fast.
     from worker.policy import select_policies
@@ -135,6 +144,7 @@ def finetune(
     from worker.tuning.finetune import (
         DEFAULT_ALPHAS,
         STATE_DIR,
+        SWEEP_FILE,
         FinetuneOptions,
         check_data,
         run_finetune,
@@ -154,7 +164,7 @@ def finetune(
         require_exists(reference, "--reference")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a directory")
-    pending = (out / STATE_DIR / "state.pt").is_file()
+    pending = any((out / STATE_DIR / name).is_file() for name in ("state.pt", SWEEP_FILE))
     if resume and not pending:
         fail(f"nothing to resume: {out / STATE_DIR} has no saved state (leave out --resume)")
     if pending and not resume:
