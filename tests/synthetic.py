@@ -192,3 +192,45 @@ def render_night(shape: str, colour: str, rng: random.Random, size: int = 64) ->
     arr = np.where(np.asarray(mask)[..., None] > 0, lit * gain, bg)
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 14, arr.shape)
     return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8))
+
+
+def write_split_set(root: Path, parts: dict[str, tuple[int, int]], style: str) -> Path:
+    """One CSV over several generated colour sets, one per split: ``{split: (per_class,
+    seed)}``; explicit splits, so runs do not depend on where the files lie."""
+    rows = []
+    for split, (per_class, seed) in parts.items():
+        sub = write_shape_set(root / split, per_class, style=style, label="colour", seed=seed)
+        with sub.open() as handle:
+            rows += [(f"{split}/{r['image']}", r["label"], split) for r in csv.DictReader(handle)]
+    path = root / "labels.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "label", "split"])
+        writer.writerows(rows)
+    return path
+
+
+def write_night_world(root: Path, policy: str, seed: int = 0) -> dict[str, Path]:
+    """The fine-tune hard case: night-camera training data (56 train + 24 val per colour),
+    a daylight control set (20 replayed + 10 judged per colour), and held-out night and
+    daylight sets (80 per colour) that no run trains or chooses on; ``policy`` is written
+    to ``root/policies/colours.yaml``."""
+    policies = root / "policies"
+    policies.mkdir(parents=True, exist_ok=True)
+    (policies / "colours.yaml").write_text(policy)
+    s = 100 * seed
+    return {
+        "policies": policies,
+        "data": write_split_set(
+            root / "domain", {"train": (56, 11 + s), "val": (24, 21 + s)}, "night"
+        ),
+        "control": write_split_set(
+            root / "control", {"train": (20, 12 + s), "val": (10, 22 + s)}, "filled"
+        ),
+        "held_night": write_shape_set(
+            root / "held-night", 80, style="night", label="colour", seed=13 + s
+        ),
+        "held_day": write_shape_set(
+            root / "held-day", 80, style="filled", label="colour", seed=14 + s
+        ),
+    }

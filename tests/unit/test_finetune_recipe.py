@@ -18,7 +18,6 @@ on, through `worker classify` with a tags policy (top-1 label).
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_runner import run_cli
-from tests.synthetic import COLOURS, write_shape_set
+from tests.synthetic import COLOURS, write_night_world
 
 pytestmark = pytest.mark.slow
 POLICY = (
@@ -36,37 +35,9 @@ POLICY = (
 GAIN, DROP = 0.15, 0.02
 
 
-def labelled(root: Path, parts: dict[str, tuple[int, int]], style: str) -> Path:
-    """One CSV over several generated sets: ``{split: (per_class, seed)}``."""
-    rows = []
-    for split, (per_class, seed) in parts.items():
-        sub = write_shape_set(root / split, per_class, style=style, label="colour", seed=seed)
-        with sub.open() as handle:
-            for row in csv.DictReader(handle):
-                rows.append((f"{split}/{row['image']}", row["label"], split))
-    path = root / "labels.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "label", "split"])
-        writer.writerows(rows)
-    return path
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, trained_model_name: str) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("night")
-    policies = root / "policies"
-    policies.mkdir()
-    (policies / "colours.yaml").write_text(POLICY)
-    return {
-        "policies": policies,
-        "data": labelled(root / "domain", {"train": (56, 11), "val": (24, 21)}, "night"),
-        "control": labelled(root / "control", {"train": (20, 12), "val": (10, 22)}, "filled"),
-        "held_night": write_shape_set(
-            root / "held-night", 80, style="night", label="colour", seed=13
-        ),
-        "held_day": write_shape_set(root / "held-day", 80, style="filled", label="colour", seed=14),
-    }
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_night_world(tmp_path_factory.mktemp("night"), POLICY)
 
 
 def served_accuracy(env: dict[str, str], model: str, labels: Path) -> float:

@@ -162,6 +162,11 @@ def finetune(
         require_exists(control, "--control")
     if reference is not None:
         require_exists(reference, "--reference")
+        if control is not None:
+            fail(
+                "give --control or --reference, not both: the control set's images already "
+                "anchor the distillation (--reference is for when no labelled set exists)"
+            )
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a directory")
     pending = any((out / STATE_DIR / name).is_file() for name in ("state.pt", SWEEP_FILE))

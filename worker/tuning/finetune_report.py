@@ -215,7 +215,7 @@ def plot_frontier(report: dict[str, Any], path: Path) -> None:
     ax.axvline(report["zero_shot"]["val_acc"], color="gray", linestyle=":", label="base, domain")
     ax.set_xlabel("domain validation accuracy")
     ax.set_title("every candidate tried")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
