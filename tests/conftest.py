@@ -3,16 +3,33 @@ checkpoint, the same way users serve a fine-tuned model."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.helpers import write_policy
 from worker.checkpoint import TINY_MODEL_CFG, build_untrained, save_checkpoint
 from worker.model import LoadedModel, load_model
 from worker.settings import Settings
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist each worker process (and each process its tests start) would run
+    one OpenMP thread per core: with 2 workers on 2 cores, 4 or more threads spin against
+    each other and torch runs several times slower. Split the cores between the workers,
+    unless OMP_NUM_THREADS already says otherwise."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,12 +50,12 @@ def served_accuracy(env: dict[str, str], model: str, labels: Path) -> float:
     docs = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(docs) == 80 * len(COLOURS)
     hits = [Path(d["image"]["uri"]).name.split("-")[1] == d["labels"][0] for d in docs]
-    return sum(hits) / len(hits)
+    return float(sum(hits) / len(hits))
 
 
 def finetune(
     env: dict[str, str], world: dict[str, Path], out: Path, *extra: str
-) -> tuple[dict, float]:
+) -> tuple[dict[str, Any], float]:
     started = time.perf_counter()
     proc = run_cli(
         "finetune",

@@ -108,7 +108,7 @@ def eval_run(env: dict[str, str], data: Path, out: Path, **image: str) -> dict[s
         "eval", "--data", str(data), "--policy", "colours", "--out", str(out), env=env | extra
     )
     assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics: dict[str, Any] = json.loads((out / "metrics.json").read_text())
     lines = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     metrics["scores"] = {Path(line["image"]).name: line["scores"] for line in lines}
     metrics["labels"] = {Path(line["image"]).name: line["labels"] for line in lines}
@@ -298,9 +298,13 @@ def test_embed_files_gives_every_frame_and_ignores_old_cache_entries(
         # What the old first-frame path stored: a vector keyed by the bare sha256.
         stale = {hashlib.sha256(p.read_bytes()).hexdigest(): torch.ones(4) for p in paths}
         cache.put_many(stale)
-        options = {"max_pixels": 64_000_000, "allowed_formats": ["GIF", "PNG"], "max_frames": 3}
-        first = embed_files(tiny_model, paths, cache, **options)
-        second = embed_files(tiny_model, paths, cache, **options)
+        formats = ["GIF", "PNG"]
+        first = embed_files(
+            tiny_model, paths, cache, max_pixels=64_000_000, allowed_formats=formats, max_frames=3
+        )
+        second = embed_files(
+            tiny_model, paths, cache, max_pixels=64_000_000, allowed_formats=formats, max_frames=3
+        )
     finally:
         cache.close()
     assert (first.encoded, first.cached) == (2, 0)
