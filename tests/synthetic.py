@@ -87,6 +87,32 @@ def _pixels(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy((arr - MEAN) / STD).permute(0, 3, 1, 2).contiguous()
 
 
+#: A moderation policy of three colour categories (comments kept: the eval tests write
+#: thresholds back into it and check the comments survive).
+COLOURS_POLICY = """\
+# Colours policy used by the eval tests.
+name: colours
+kind: moderation
+templates: simple
+background:
+  - a white shape
+categories:
+  # warm colours
+  - id: red
+    prompts: [red shape, crimson shape]
+    threshold: 0.5
+    action: review
+  - id: blue
+    prompts: [blue shape]
+    threshold: 0.5   # keep an eye on this one
+    action: block
+    severity: high
+  - id: green
+    prompts: [green shape]
+    threshold: 0.5
+"""
+
+
 CAPTIONS = (
     "a {c} {s}.",
     "a photo of a {c} {s}.",

@@ -9,30 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.cli_runner import run_cli
+from tests.synthetic import COLOURS_POLICY as POLICY
 from tests.synthetic import write_shape_set
-
-POLICY = """\
-# Colours policy used by the eval tests.
-name: colours
-kind: moderation
-templates: simple
-background:
-  - a white shape
-categories:
-  # warm colours
-  - id: red
-    prompts: [red shape, crimson shape]
-    threshold: 0.5
-    action: review
-  - id: blue
-    prompts: [blue shape]
-    threshold: 0.5   # keep an eye on this one
-    action: block
-    severity: high
-  - id: green
-    prompts: [green shape]
-    threshold: 0.5
-"""
 
 
 @pytest.fixture

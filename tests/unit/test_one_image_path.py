@@ -31,6 +31,7 @@ from torch.nn.functional import normalize
 from tests.cli_runner import run_cli
 from tests.helpers import image_bytes
 from tests.synthetic import COLOURS, SHAPES, render
+from tests.synthetic import COLOURS_POLICY as POLICY
 from worker.documents import ImageRef
 from worker.embedding_cache import EmbeddingCache
 from worker.engine import DecodeOptions, WorkItem
@@ -40,23 +41,6 @@ from worker.runtime import build_engine
 from worker.settings import Settings
 from worker.tuning.embedder import decode_like_serving, embed_files
 
-POLICY = """\
-name: colours
-kind: moderation
-templates: simple
-background:
-  - a white shape
-categories:
-  - id: red
-    prompts: [red shape, crimson shape]
-    threshold: 0.5
-  - id: blue
-    prompts: [blue shape]
-    threshold: 0.5
-  - id: green
-    prompts: [green shape]
-    threshold: 0.5
-"""
 CLASSES = ("red", "blue", "green")
 JPEGS = 80
 Scores = dict[str, dict[str, float]]  # file name -> class -> score
