@@ -266,9 +266,9 @@ def test_sigterm_drains_the_batch_in_hand(
     # waiting in Redis (attempts not started at shutdown are due again at once, for the
     # next worker); nothing else was taken.
     delivered = set(deliveries(out))
+    store = redis.Redis.from_url(queue_env["WORKER_BROKER_URL"], decode_responses=True)
     waiting = {
-        key.decode().removeprefix("mw:delivery:").split(":")[0]
-        for key in redis.Redis.from_url(queue_env["WORKER_BROKER_URL"]).keys("mw:delivery:*")
+        str(key).removeprefix("mw:delivery:").split(":")[0] for key in store.keys("mw:delivery:*")
     }
     assert not delivered & waiting
     assert len(delivered) + len(waiting) == sum(e["scored"] for e in batch)
