@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 
 from worker.checkpoint import save_checkpoint
 from worker.engine import DecodeOptions, ModelInput, frame_inputs
@@ -25,7 +24,7 @@ from worker.model import LoadedModel, fingerprint_model, model_config
 from worker.policy import LoadedPolicy
 from worker.settings import Settings
 from worker.tuning.datasets import Example, LabelledSet, read_labelled, validate
-from worker.tuning.embedder import decode_like_serving
+from worker.tuning.embedder import EmbeddedFiles, decode_like_serving
 from worker.tuning.finetune_data import (
     ClassTexts,
     ImageDataset,
@@ -153,24 +152,18 @@ class Judge:
 
     @torch.no_grad()
     def features(self) -> torch.Tensor:
-        """(N, D) L2-normalised embeddings, one per example."""
-        rows: list[torch.Tensor] = []
+        """(N, D) L2-normalised embeddings, one per example (an animation's frames
+        averaged by ``EmbeddedFiles.per_file_mean``, as eval does)."""
         batch: list[ModelInput] = []
-        spans: list[int] = []
+        spans: list[tuple[int, int]] = []
         for frames in self._prepare():
-            spans.append(len(frames))
+            spans.append((len(batch), len(batch) + len(frames)))
             batch.extend(frames)
         vectors = [
             self.model.encode_images(self.model.batch_pixels(batch[i : i + 64])).float()
             for i in range(0, len(batch), 64)
         ]
-        flat = torch.cat(vectors) if vectors else torch.empty(0)
-        start = 0
-        for count in spans:
-            rows_of_file = flat[start : start + count]
-            rows.append(rows_of_file[0] if count == 1 else F.normalize(rows_of_file.mean(0), dim=0))
-            start += count
-        return torch.stack(rows)
+        return EmbeddedFiles(torch.cat(vectors), 0, 0, spans).per_file_mean()
 
     def score(self, heads: torch.Tensor) -> Scored:
         if not self.examples:
