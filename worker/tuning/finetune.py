@@ -254,7 +254,9 @@ class FinetuneRun:
         self.heads = class_heads(model, self.classes)
         self.val = Judge(model, settings, self.classes, data.split("val"))
         self.held_out = data.split("test") or data.split("val")
-        self.test = Judge(model, settings, self.classes, self.held_out)
+        self.test = (  # without a test split the held-out set is val: one judge decodes it
+            Judge(model, settings, self.classes, self.held_out) if data.split("test") else self.val
+        )
         self.control_judge: Judge | None = None
         self.control_heads: torch.Tensor | None = None
         anchors: list[Example] = []
