@@ -15,13 +15,28 @@ import numpy as np
 
 from worker.tuning import metrics
 from worker.tuning.datasets import Example
-from worker.tuning.evaluation import BAND_RECALL, CategoryMetrics, EvalReport
+from worker.tuning.evaluation import BAND_RECALL, REVIEW_STATUSES, CategoryMetrics, EvalReport
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.{digits}f}"
+
+
+def fmt_threshold(value: float | None) -> str:
+    """A suggested threshold for display: 3 decimals, or as many as it takes not to show
+    0.000 or 1.000 for a value that is neither (one-vs-background scores often sit within
+    1e-4 of 0 or 1, and there a 3-decimal threshold would flag everything or nothing)."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.3f}"
+    if text in ("0.000", "1.000") and 0.0 < value < 1.0:
+        if value < 0.5:
+            return f"{value:.2e}"
+        digits = 2 - math.floor(math.log10(1.0 - value))
+        return f"{value:.{digits}f}".rstrip("0")
+    return text
 
 
 COLUMNS = (
@@ -43,8 +58,88 @@ COLUMNS = (
 )
 
 
+REVIEW_COLUMNS = (
+    "category",
+    "threshold",
+    "→ precision",
+    "→ recall",
+    "review_at",
+    "→ precision",
+    "→ recall",
+    "in band",
+    "share",
+    "note",
+)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def review_note(c: CategoryMetrics) -> str:
+    """What a category's review_at suggestion is, in words (two-target mode)."""
+    if c.review_status is None:
+        return ""
+    if c.review_status == "band":
+        return f"{c.review_positives} of the {c.review_images} in the band are positives"
+    return REVIEW_STATUSES[c.review_status]
+
+
+def review_rows(categories: list[CategoryMetrics]) -> list[list[str]]:
+    """One row per category for the two-target table: the suggested threshold and
+    review_at, precision and recall flagging at or above each, the images scored in
+    between (count and share of the data) and a note."""
+    rows = []
+    for c in categories:
+        band = c.review_status == "band"
+        rows.append(
+            [
+                c.id,
+                fmt_threshold(c.suggested_threshold),
+                _fmt(c.suggested_precision),
+                _fmt(c.suggested_recall),
+                fmt_threshold(c.suggested_review_at) if band else "none",
+                _fmt(c.review_at_precision),
+                _fmt(c.review_at_recall),
+                str(c.review_images) if band else "0" if c.review_status == "no_band" else "n/a",
+                _percent(c.review_share) if band else "",
+                review_note(c),
+            ]
+        )
+    return rows
+
+
+def _review_lines(report: EvalReport) -> list[str]:
+    precision, recall = report.target["precision"], report.target["recall"]
+    load = report.review_load or {"images": 0, "share": 0.0}
+    lines = [
+        "",
+        "## Review bands",
+        "",
+        f"`threshold`: the most recall at precision ≥ {precision:g}; `review_at`: the "
+        f"highest score with recall ≥ {recall:g}. Images scored in `[review_at, threshold)` "
+        "go to a person (action `review`); *in band* and *share* are that review load, "
+        "counted on these images (it matches production only as far as their mix does).",
+        "",
+        "| " + " | ".join(REVIEW_COLUMNS) + " |",
+        "|---|" + "---:|" * (len(REVIEW_COLUMNS) - 2) + "---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in review_rows(report.categories)]
+    lines += [
+        "",
+        f"**Review load**: {int(load['images'])} of {report.images} images "
+        f"({_percent(load['share'])}) fall in at least one category's band.",
+    ]
+    return lines
+
+
 def markdown(report: EvalReport) -> str:
     target = ", ".join(f"{k} ≥ {v:g}" for k, v in report.target.items())
+    if report.two_targets:
+        target = (
+            f"precision ≥ {report.target['precision']:g} (threshold) and recall ≥ "
+            f"{report.target['recall']:g} (review_at)"
+        )
     lines = [
         f"# Evaluation of policy `{report.policy}`",
         "",
@@ -72,7 +167,7 @@ def markdown(report: EvalReport) -> str:
             _fmt(c.recall),
             _fmt(c.f1),
             _fmt(c.fpr),
-            _fmt(c.suggested_threshold),
+            fmt_threshold(c.suggested_threshold),
             _fmt(c.suggested_precision),
             _fmt(c.suggested_recall),
             band,
@@ -94,10 +189,13 @@ def markdown(report: EvalReport) -> str:
         f"runs from the threshold catching {BAND_RECALL:.0%} of positives to the one that is "
         "right 90% of the time: send images in between to a person.",
         "",
-        "Plots: `pr_curves.png` (precision-recall per category, current threshold ●, suggested ▲) "
-        "and `histograms.png` (scores of positives vs negatives, thresholds as lines).",
-        "",
+        "Plots: `pr_curves.png` (precision-recall per category, current threshold ●, suggested ▲"
+        ", suggested review_at ◆) and `histograms.png` (scores of positives vs negatives, "
+        "thresholds as lines).",
     ]
+    if report.two_targets:
+        lines += _review_lines(report)
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -153,6 +251,14 @@ def plot_pr_curves(report: EvalReport, truth: np.ndarray, scores: np.ndarray, pa
                     color="tab:green",
                     label=f"suggested {c.suggested_threshold:.2f}",
                 )
+            if c.suggested_review_at is not None:
+                ax.plot(
+                    [c.review_at_recall],
+                    [c.review_at_precision],
+                    "D",
+                    color="tab:purple",
+                    label=f"review_at {c.suggested_review_at:.2f}",
+                )
             ax.legend(fontsize=7, loc="lower left")
 
 
@@ -168,6 +274,10 @@ def plot_histograms(report: EvalReport, truth: np.ndarray, scores: np.ndarray, p
             ax.axvline(c.threshold, color="tab:red", linestyle="--", linewidth=1, label="current")
             if c.suggested_threshold is not None:
                 ax.axvline(c.suggested_threshold, color="tab:green", linewidth=1, label="suggested")
+            if c.suggested_review_at is not None:
+                ax.axvline(
+                    c.suggested_review_at, color="tab:purple", linewidth=1, label="review_at"
+                )
             ax.set_title(c.id, fontsize=9)
             ax.set_xlabel("score", fontsize=8)
             ax.legend(fontsize=7)
@@ -220,7 +330,7 @@ def category_table_rows(categories: list[CategoryMetrics]) -> list[list[str]]:
             _fmt(c.precision),
             _fmt(c.recall),
             _fmt(c.fpr),
-            _fmt(c.suggested_threshold),
+            fmt_threshold(c.suggested_threshold),
         ]
         for c in categories
     ]

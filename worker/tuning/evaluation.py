@@ -21,6 +21,17 @@ from worker.tuning.embedder import EmbeddedFiles
 #: Review bands: below the low edge pass, above the high edge act, between -> a human.
 BAND_RECALL = 0.9
 BAND_PRECISION = 0.9
+#: The precision target when no target is given.
+DEFAULT_PRECISION = 0.9
+
+#: ``CategoryMetrics.review_status`` in two-target mode (``--target-precision`` and
+#: ``--target-recall``): why a category has a suggested ``review_at`` or not.
+REVIEW_STATUSES = {
+    "band": "scores in [review_at, threshold) go to a person",
+    "no_band": "no band: the threshold already meets the recall target",
+    "precision_unreached": "precision target not reached: nothing suggested",
+    "no_positives": "no positives: nothing suggested",
+}
 
 
 @dataclass
@@ -40,6 +51,16 @@ class CategoryMetrics:
     suggested_precision: float | None = None
     suggested_recall: float | None = None
     review_band: tuple[float, float] | None = None
+    # Two-target mode only: the suggested review_at (the highest threshold with recall at
+    # least the recall target), precision and recall flagging at or above it, and the
+    # images scored in [review_at, suggested threshold): the human review load.
+    review_status: str | None = None  # a key of REVIEW_STATUSES
+    suggested_review_at: float | None = None
+    review_at_precision: float | None = None
+    review_at_recall: float | None = None
+    review_images: int | None = None
+    review_positives: int | None = None
+    review_share: float | None = None
 
 
 @dataclass
@@ -53,7 +74,13 @@ class EvalReport:
     categories: list[CategoryMetrics]
     macro: dict[str, float] = field(default_factory=dict)
     micro: dict[str, float] = field(default_factory=dict)
+    #: Two-target mode: images in at least one category's review band (count and share).
+    review_load: dict[str, float] | None = None
     timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def two_targets(self) -> bool:
+        return "precision" in self.target and "recall" in self.target
 
     def to_dict(self) -> dict[str, Any]:
         finite: dict[str, Any] = _finite(asdict(self))
@@ -96,7 +123,12 @@ def evaluate(
     target_precision: float | None = None,
     target_recall: float | None = None,
 ) -> list[CategoryMetrics]:
-    """Per-class metrics. ``truth`` is (N, C) bool, ``scores`` (N, C)."""
+    """Per-class metrics. ``truth`` is (N, C) bool, ``scores`` (N, C).
+
+    The suggested threshold has the most recall at ``target_precision`` (default
+    :data:`DEFAULT_PRECISION`), or, given ``target_recall`` alone, the most precision at
+    it. Given both, the threshold follows the precision target and a ``review_at`` is
+    suggested for the recall target (see :func:`suggest_review_at`)."""
     out = []
     for index, class_id in enumerate(compiled.class_ids()):
         y, s = truth[:, index], scores[:, index]
@@ -117,10 +149,11 @@ def evaluate(
             fpr=at.fpr,
         )
         if y.any():
-            if target_recall is not None:
+            if target_recall is not None and target_precision is None:
                 suggested = metrics.threshold_for_recall(y, s, target_recall)
             else:
-                suggested = metrics.threshold_for_precision(y, s, target_precision or 0.9)
+                precision = DEFAULT_PRECISION if target_precision is None else target_precision
+                suggested = metrics.threshold_for_precision(y, s, precision)
             if suggested is not None:
                 sat = metrics.at_threshold(y, s, suggested)
                 item.suggested_threshold = suggested
@@ -131,8 +164,47 @@ def evaluate(
                 high = metrics.threshold_for_precision(y, s, BAND_PRECISION)
                 if low is not None and high is not None:
                     item.review_band = (min(low, high), max(low, high))
+        if target_precision is not None and target_recall is not None:
+            suggest_review_at(item, y, s, target_recall)
         out.append(item)
     return out
+
+
+def suggest_review_at(
+    item: CategoryMetrics, y: np.ndarray, s: np.ndarray, target_recall: float
+) -> None:
+    """Fill ``item``'s review fields: ``review_at`` is the highest threshold whose recall
+    is at least ``target_recall``; it makes a band only below the suggested threshold."""
+    if not y.any():
+        item.review_status = "no_positives"
+        return
+    if item.suggested_threshold is None:
+        item.review_status = "precision_unreached"
+        return
+    # Never None with positives: the lowest score has recall 1.
+    review_at = metrics.threshold_for_recall(y, s, target_recall)
+    if review_at is None or review_at >= item.suggested_threshold:
+        item.review_status = "no_band"
+        return
+    at = metrics.at_threshold(y, s, review_at)
+    band = metrics.in_band(s, review_at, item.suggested_threshold)
+    item.review_status = "band"
+    item.suggested_review_at = review_at
+    item.review_at_precision = at.precision
+    item.review_at_recall = at.recall
+    item.review_images = int(band.sum())
+    item.review_positives = int((band & y.astype(bool)).sum())
+    item.review_share = float(band.mean())
+
+
+def review_load(categories: list[CategoryMetrics], scores: np.ndarray) -> dict[str, float]:
+    """Images in at least one category's suggested review band: how many and what share
+    of the data (an image in several bands is counted once)."""
+    hit = np.zeros(scores.shape[0], dtype=bool)
+    for index, c in enumerate(categories):
+        if c.suggested_review_at is not None and c.suggested_threshold is not None:
+            hit |= metrics.in_band(scores[:, index], c.suggested_review_at, c.suggested_threshold)
+    return {"images": int(hit.sum()), "share": float(hit.mean()) if hit.size else 0.0}
 
 
 def summarise(

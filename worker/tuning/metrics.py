@@ -66,10 +66,18 @@ def threshold_for_precision(y_true: ArrayLike, scores: ArrayLike, target: float)
 
 def threshold_for_recall(y_true: ArrayLike, scores: ArrayLike, target: float) -> float | None:
     """The highest threshold whose recall is at least ``target`` (the most precision at that
-    recall), or None if no threshold reaches it."""
+    recall), or None if no threshold reaches it. Recall only falls as the threshold rises,
+    so every threshold at or below it reaches the target and none above it does."""
     _, recall, thresholds = precision_recall_curve(y_true, scores)
     ok = np.where(recall[:-1] >= target)[0]
     return float(thresholds[ok].max()) if ok.size else None
+
+
+def in_band(scores: ArrayLike, low: float, high: float) -> NDArray[np.bool_]:
+    """Which scores fall in ``[low, high)``: at or above ``low``, below ``high`` (a review
+    band: ``review_at`` to ``threshold``)."""
+    s = np.asarray(scores, dtype=np.float64)
+    return (s >= low) & (s < high)
 
 
 @dataclass(frozen=True)
