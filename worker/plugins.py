@@ -30,12 +30,14 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from worker.documents import Result
+from worker.documents import DECISION_ACTIONS, Result
 from worker.errors import PluginError
 from worker.redact import redact_text
 
 SINK_GROUP = "moderation_worker.sinks"
 SOURCE_GROUP = "moderation_worker.sources"
+#: The option every sink takes, whatever its plugin: the decisions it receives.
+ROUTE_OPTION = "when"
 
 
 class NoOptions(BaseModel):
@@ -141,10 +143,49 @@ def source_class(name: str) -> type[Source]:
     return cls
 
 
+def route_of(config: dict[str, Any]) -> frozenset[str] | None:
+    """The decisions a sink config receives (``when=review|block``), None for all of them;
+    PluginError when ``when`` names anything else."""
+    value = config.get(ROUTE_OPTION)
+    if value is None:
+        return None
+    parts = value.split("|") if isinstance(value, str) else value
+    if not isinstance(parts, list) or not parts:
+        parts = [value]
+    actions = [p.strip() if isinstance(p, str) else p for p in parts]
+    wrong = [a for a in actions if a not in DECISION_ACTIONS]
+    if wrong:
+        raise PluginError(
+            f"bad option for sink {str(config.get('type'))[:64]!r}: when={short(wrong[0])} is not "
+            f"a decision; give {' | '.join(DECISION_ACTIONS)}, several separated by '|' "
+            "(e.g. when=review|block)"
+        )
+    return frozenset(actions)
+
+
+def routes_to(config: dict[str, Any], result: Result) -> bool:
+    """Whether ``result`` goes to the sink ``config`` describes: every result without
+    ``when``; with it, an ok result whose decision it names (an error result has no
+    decision, so it only reaches sinks without ``when``)."""
+    when = route_of(config)
+    return when is None or (result.decision is not None and result.decision.action in when)
+
+
+def plugin_options(config: dict[str, Any]) -> dict[str, Any]:
+    """A sink config's options for its plugin: all but ``type`` and ``when`` (the worker's)."""
+    return {k: v for k, v in config.items() if k not in {"type", ROUTE_OPTION}}
+
+
+def short(value: Any) -> str:
+    return redact_text(repr(value))[:80]
+
+
 def make_sink(name: str, options: dict[str, Any], context: PluginContext) -> Sink:
-    """Instantiate sink ``name`` with validated options; PluginError explains what is wrong."""
+    """Instantiate sink ``name`` with validated options; PluginError explains what is wrong.
+    ``when`` is the worker's routing option (see :func:`routes_to`), not the plugin's."""
     cls = sink_class(name)
-    return cls(_parse_options(cls, name, options), context)
+    route_of(options | {"type": name})
+    return cls(_parse_options(cls, name, plugin_options(options)), context)
 
 
 def parse_sink_spec(spec: str) -> dict[str, Any]:
@@ -177,9 +218,9 @@ def parse_sink_spec(spec: str) -> dict[str, Any]:
 
 def validate_sink_config(config: dict[str, Any]) -> None:
     """Raise PluginError if ``config`` names an unknown sink or has bad options."""
-    options = {k: v for k, v in config.items() if k != "type"}
     cls = sink_class(str(config.get("type", "")))
-    _parse_options(cls, config["type"], options)
+    route_of(config)
+    _parse_options(cls, config["type"], plugin_options(config))
 
 
 def _parse_options(cls: type[Sink], name: str, options: dict[str, Any]) -> BaseModel:
@@ -208,7 +249,8 @@ def job_sink_problem(
         )
     try:
         cls = sink_class(name)
-        options = _parse_options(cls, name, {k: v for k, v in config.items() if k != "type"})
+        route_of(config)
+        options = _parse_options(cls, name, plugin_options(config))
     except PluginError as exc:
         return redact_text(str(exc))
     return cls.job_option_problem(options, context)

@@ -23,7 +23,14 @@ from worker.documents import Job, Result
 from worker.errors import PermanentSinkError, PluginError, SinkError
 from worker.log import get_logger
 from worker.ops.telemetry import Telemetry
-from worker.plugins import PluginContext, Sink, available_sinks, job_sink_problem, make_sink
+from worker.plugins import (
+    PluginContext,
+    Sink,
+    available_sinks,
+    job_sink_problem,
+    make_sink,
+    routes_to,
+)
 from worker.queue.dead_letters import DeadLetter, DeadLetters
 from worker.queue.jobs import Delivery, JobStore, new_delivery_id
 from worker.redact import redact_text
@@ -85,6 +92,8 @@ def deliver_inline(
     """
     failures = []
     for config in configs:
+        if not routes_to(config, result):
+            continue
         for attempt in range(1, max_attempts + 1):
             try:
                 sinks.get(config).deliver(result)
@@ -189,6 +198,7 @@ class Deliverer:
         deliveries = [
             Delivery(delivery_id_of(job.job_id, config), job_doc, config, 1, body)
             for config in self.sink_configs(job)
+            if routes_to(config, result)
         ]
         leased_until = time.time() + self.lease_s
         self.jobs.schedule_deliveries([(d, leased_until) for d in deliveries])
