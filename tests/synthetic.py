@@ -260,3 +260,56 @@ def write_night_world(root: Path, policy: str, seed: int = 0) -> dict[str, Path]
             root / "held-day", 80, style="filled", label="colour", seed=14 + s
         ),
     }
+
+
+def with_modality_gap(model_name: str, out_dir: Path, offset: float = 1.5, seed: int = 0) -> str:
+    """The model ``model_name`` (a local-dir checkpoint) with CLIP's modality gap made
+    visible: every image embedding gets the same offset before normalisation (the image
+    tower's last LayerNorm bias, pushed along a random direction), ``offset`` times the
+    median feature norm. Image embeddings then sit in a narrow cone of their own, as real
+    CLIP's do, so image-image cosines run far above image-text ones, while what tells one
+    image from another is unchanged. Returns the new local-dir name."""
+    from worker.model import load_model
+
+    loaded = load_model(model_name, None, device="cpu")
+    model = loaded.model
+    rng = random.Random(seed)
+    probe = _pixels([render(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng) for _ in range(64)])
+    with torch.no_grad():
+        norm = model.encode_image(probe).norm(dim=1).median()
+        generator = torch.Generator().manual_seed(seed)
+        direction = torch.randn(model.visual.ln_post.bias.shape, generator=generator)
+        shift = direction @ model.visual.proj  # how the bias moves the embedding
+        model.visual.ln_post.bias += direction * (offset * norm / shift.norm())
+    return save_checkpoint(model, TINY_MODEL_CFG, out_dir)
+
+
+def textured_photo(seed: int, size: tuple[int, int] = (256, 192)) -> Image.Image:
+    """A photograph-like picture: 1/f^2 colour texture (as natural images have), a few
+    flat shapes over it and a little sensor noise. Never flat, so PDQ quality is high."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :]
+    freq = np.sqrt(fx**2 + fy**2)
+    freq[0, 0] = 1.0
+    amplitude = freq ** -rng.uniform(1.8, 2.4)
+
+    def texture() -> np.ndarray:
+        phase = np.exp(2j * np.pi * rng.random(amplitude.shape))
+        return np.fft.irfft2(amplitude * phase, s=(h, w))
+
+    shared = texture()
+    arr = np.stack([0.7 * shared + 0.3 * texture() for _ in range(3)], axis=-1)
+    arr = (arr - arr.mean()) / arr.std() * rng.uniform(35, 60) + rng.uniform(90, 160)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):
+        x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(10, 50)
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+        else:
+            angles = np.sort(rng.uniform(0, 2 * np.pi, 5))
+            draw.polygon([(x + r * np.cos(a), y + r * np.sin(a)) for a in angles], fill=colour)
+    noisy = np.asarray(img) + rng.normal(0, 4, (h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))

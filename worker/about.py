@@ -19,6 +19,8 @@ SERVE_MODULES = frozenset(
         "PIL",
         "prometheus_client",
         "matplotlib",
+        "pdqhash",
+        "faiss",
     }
 )
 SERVE_HINT = "pip install 'moderation-worker[serve]'"

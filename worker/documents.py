@@ -139,6 +139,14 @@ class ImageInfo(BaseModel):
     frame_indices: list[int] | None = Field(
         None, description="Animated images only: the 0-based indices of the frames scored."
     )
+    pdq: str | None = Field(
+        None,
+        description="When a PDQ hash list is loaded: the image's PDQ hash, 64 hex digits as "
+        "ThreatExchange writes them, of the full-resolution EXIF-rotated decode.",
+    )
+    pdq_quality: int | None = Field(
+        None, description="When `pdq` is given: PDQ's quality (0-100; under 50 matches poorly)."
+    )
 
 
 class ModelInfo(BaseModel):
@@ -159,6 +167,43 @@ class Flag(BaseModel):
         description="Animated images only: the 0-based index of the frame whose score "
         "raised the flag.",
     )
+    item: str | None = Field(
+        None,
+        description="Exemplar categories and blocklists: the id (file stem, or a hash "
+        "list's id) of the listed image that matched, or of the closest exemplar.",
+    )
+    distance: int | None = Field(
+        None, description="PDQ matches: the Hamming distance to the listed hash (0-256)."
+    )
+    similarity: float | None = Field(
+        None,
+        description="Exemplar and embedding matches: the cosine between the image and the "
+        "listed image (or closest exemplar).",
+    )
+
+
+#: A result's decision, mildest first.
+DecisionAction = Literal["allow", "flag", "review", "block"]
+DECISION_ACTIONS: tuple[str, ...] = ("allow", "flag", "review", "block")
+
+
+class Decision(BaseModel):
+    """What the upload service should do: the strongest action among the live flags."""
+
+    action: DecisionAction
+    categories: list[str] = Field(
+        default_factory=list,
+        description="`policy/category` of every flag carrying that action (empty for allow).",
+    )
+
+    @classmethod
+    def of(cls, flags: list[Flag]) -> Decision:
+        """``allow`` without flags; else the strongest flag action and who carries it."""
+        if not flags:
+            return cls(action="allow")
+        strongest = max((f.action for f in flags), key=DECISION_ACTIONS.index)
+        carriers = [f"{f.policy}/{f.category}" for f in flags if f.action == strongest]
+        return cls(action=strongest, categories=list(dict.fromkeys(carriers)))
 
 
 class ModerationResult(BaseModel):
@@ -167,6 +212,13 @@ class ModerationResult(BaseModel):
     version: str
     scores: dict[str, float]
     flags: list[Flag]
+
+
+class BlocklistResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    matches: list[Flag] = Field(description="The listed images this image matched, if any.")
 
 
 class TagScore(BaseModel):
@@ -194,9 +246,16 @@ class Result(BaseModel):
     error: ErrorInfo | None = None
     image: ImageInfo
     model: ModelInfo
-    policies: dict[str, ModerationResult | TagsResult] = Field(default_factory=dict)
+    policies: dict[str, ModerationResult | TagsResult | BlocklistResult] = Field(
+        default_factory=dict
+    )
     flags: list[Flag] = Field(default_factory=list, description="Every policy's flags.")
     labels: list[str] = Field(default_factory=list, description="Every tag kept, best first.")
+    decision: Decision | None = Field(
+        None,
+        description="The strongest action among the flags, and the categories behind it "
+        "(`allow` when nothing is flagged); null for an error result.",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
     timings_ms: dict[str, float] = Field(default_factory=dict)
     worker: str = ""
@@ -210,7 +269,8 @@ class Result(BaseModel):
         a log line shows, without dumping the whole document."""
         error = {"code": self.error.code, "message": self.error.message} if self.error else None
         flags = [{"policy": f.policy, "category": f.category} for f in self.flags]
-        return {"status": self.status, "error": error, "flags": flags}
+        decision = self.decision.model_dump() if self.decision else None
+        return {"status": self.status, "error": error, "decision": decision, "flags": flags}
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:

@@ -27,6 +27,8 @@ import torch
 
 from worker.animation import DEFAULT_MAX_FRAMES, DecodedFrames, decode_frames
 from worker.documents import (
+    BlocklistResult,
+    Decision,
     ErrorInfo,
     Flag,
     ImageInfo,
@@ -45,6 +47,7 @@ from worker.images import (
 )
 from worker.log import get_logger
 from worker.model import LoadedModel
+from worker.pdq import MIN_MATCH_QUALITY, image_pdq
 from worker.policy.compiled import CompiledPolicy, Section
 from worker.policy.policyset import PolicySet
 from worker.redact import redact_text, redact_uri
@@ -234,6 +237,11 @@ class Engine:
             prep.info = prep.info.model_copy(update=animation)
         prep.timings["decode"] = round((opened_s + frames.decode_s) * 1000, 3)
         prep.timings["preprocess"] = round(frames.preprocess_s * 1000, 3)
+        if self.policies.hashes_images:
+            started = time.perf_counter()
+            pdq, quality = image_pdq(data)  # the full-resolution decode, not the draft
+            prep.info = prep.info.model_copy(update={"pdq": pdq, "pdq_quality": quality})
+            prep.timings["pdq"] = _ms(started)
 
     # ------------------------------------------------------------------ encoding and scoring
 
@@ -301,11 +309,13 @@ class Engine:
     ) -> Section:
         """One policy's part of one image: a still's scores as they are; an animation's
         frames pooled by the policy, its flags naming the frame that drove them."""
+        pdq = prep.info.pdq if (prep.info.pdq_quality or 0) >= MIN_MATCH_QUALITY else None
         if not prep.animated:
-            return compiled.section(frames[0])
+            return compiled.section(frames[0], pdq=pdq)
         values, drivers = compiled.pool_frames(frames)
         indices = prep.info.frame_indices or []
-        return compiled.section(values, None if drivers is None else [indices[r] for r in drivers])
+        where = None if drivers is None else [indices[r] for r in drivers]
+        return compiled.section(values, where, pdq=pdq)
 
     def _ok_result(
         self,
@@ -321,7 +331,7 @@ class Engine:
                 f"unknown policy {', '.join(map(repr, gone))}", code="policy_not_found"
             )
             return self._error_result(prep)
-        results: dict[str, ModerationResult | TagsResult] = {}
+        results: dict[str, ModerationResult | TagsResult | BlocklistResult] = {}
         flags: list[Flag] = []
         labels: list[tuple[str, float]] = []
         for name in names:
@@ -337,6 +347,7 @@ class Engine:
             policies=results,
             flags=sorted(flags, key=lambda f: f.score, reverse=True),
             labels=list(dict.fromkeys(tag for tag, _ in best_first)),
+            decision=Decision.of(flags),
         )
 
     def _error_result(self, prep: Prepared) -> Result:

@@ -67,10 +67,19 @@ def compile_configured(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> PolicySet:
     cache = open_prompt_cache(settings.cache_dir, model)
+    gatherer = None
+    if any(p.policy.image_refs() or p.policy.hash_refs() for p in loaded):
+        from worker.materials import MaterialsGatherer
+
+        gatherer = MaterialsGatherer(settings, model)
     try:
-        return compile_policies(loaded, model, cache, on_progress)
+        return compile_policies(
+            loaded, model, cache, on_progress, gatherer.gather if gatherer else None
+        )
     finally:
         cache.close()
+        if gatherer is not None:
+            gatherer.close()
 
 
 def build_engine(

@@ -70,7 +70,7 @@ def test_named_and_explicit_templates(tmp_path: Path) -> None:
         (GOOD.replace("kind: moderation\n", ""), 1, "missing key 'kind'"),
         (GOOD.replace("kind: moderation", "kind: nsfw"), 2, "unknown kind 'nsfw'"),
         (GOOD.replace("background: [an ordinary photo]\n", ""), 1, "missing key 'background'"),
-        (GOOD.replace("    prompts: [a gun]\n", ""), 5, "missing key 'prompts'"),
+        (GOOD.replace("    prompts: [a gun]\n", ""), 5, "category 'weapons' has no prompts"),
         (GOOD.replace("action", "x") + "    action: ban\n", 8, "action"),
         (GOOD + "name: again\n", 8, "duplicate key"),
     ],

@@ -367,7 +367,7 @@ def test_many_problems_are_capped(tmp_path: Path) -> None:
     found = refuse(path)
     assert len(found) == MAX_PROBLEMS_PER_FILE + 1
     assert found[-1].endswith(f"… and {1000 - MAX_PROBLEMS_PER_FILE} more problems here")
-    assert found[0] == f"{path}:9: category 'c0' has no prompts"
+    assert found[0] == f"{path}:9: category 'c0' has no prompts (or exemplars)"
 
 
 def test_long_unknown_key_gives_a_short_message(tmp_path: Path) -> None:

@@ -10,11 +10,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
-from worker.documents import Flag, ModerationResult, TagsResult
+from worker.documents import BlocklistResult, Flag, ModerationResult, TagsResult
 from worker.policy.schema import PolicyBase
 
 P = TypeVar("P", bound=PolicyBase)
@@ -26,7 +26,7 @@ SCORE_DIGITS = 6
 class Section:
     """One policy's part of one image's result."""
 
-    body: ModerationResult | TagsResult
+    body: ModerationResult | TagsResult | BlocklistResult
     flags: list[Flag] = field(default_factory=list)
     labels: list[tuple[str, float]] = field(default_factory=list)
 
@@ -64,9 +64,18 @@ class CompiledPolicy(ABC, Generic[P]):
         numbers results carry and eval measures (one matmul)."""
 
     @abstractmethod
-    def section(self, values: Sequence[float], frames: Sequence[int] | None = None) -> Section:
+    def section(
+        self, values: Sequence[float], frames: Sequence[int] | None = None, pdq: str | None = None
+    ) -> Section:
         """One image's class scores -> its part of the result (flags, tags, labels).
-        ``frames``, for an animation, names the frame that gave each class its score."""
+        ``frames``, for an animation, names the frame that gave each class its score;
+        ``pdq`` is the image's PDQ hash when a hash list is loaded."""
+
+    @property
+    def hash_lists(self) -> tuple[Any, ...]:
+        """The PDQ hash lists it matches against (the engine hashes each image when any
+        loaded policy has one)."""
+        return ()
 
     def pool_frames(
         self, frames: Sequence[Sequence[float]]

@@ -6,6 +6,7 @@ Adding a kind is one module (a :class:`~worker.policy.schema.PolicyBase` subclas
 
 from __future__ import annotations
 
+from worker.policy.blocklist import BlocklistPolicy
 from worker.policy.moderation import ModerationPolicy
 from worker.policy.schema import PolicyBase
 from worker.policy.tags import TagsPolicy
@@ -13,4 +14,5 @@ from worker.policy.tags import TagsPolicy
 POLICY_KINDS: dict[str, type[PolicyBase]] = {
     ModerationPolicy.KIND: ModerationPolicy,
     TagsPolicy.KIND: TagsPolicy,
+    BlocklistPolicy.KIND: BlocklistPolicy,
 }

@@ -81,6 +81,10 @@ def _owner(doc: Any, loc: Sequence[int | str]) -> str:
     return " ".join(words)
 
 
+#: Error types of the policy classes' own cross-field rules, reported on their owner.
+MODEL_RULES = frozenset({"both_definitions", "review_band", "background_needed", "empty_blocklist"})
+
+
 def describe(doc: Any, err: Any) -> tuple[tuple[int | str, ...], str]:
     """A location and a human message for one pydantic error."""
     loc: tuple[int | str, ...] = tuple(err["loc"])
@@ -101,6 +105,10 @@ def describe(doc: Any, err: Any) -> tuple[tuple[int | str, ...], str]:
         has = f"has {actual:,} entries" if isinstance(actual, int) else "has too many entries"
         limit = f"{most:,}" if isinstance(most, int) else "fewer"
         return loc, f"{_owner(doc, loc)} {has}; a policy holds at most {limit} {loc[-1]}"
+    if kind == "no_definition":  # a category with neither prompts nor exemplars
+        return (*loc, "prompts"), f"{_owner(doc, loc)} has no prompts (or exemplars)"
+    if kind in MODEL_RULES:  # a rule across fields (worker.policy.schema.rule_error)
+        return loc, f"{_owner(doc, loc)}: {err['msg']}"
     if kind == "duplicate_id":
         return (*loc, err["ctx"]["index"], "id"), err["msg"]
     field = f"{_owner(doc, loc[:-1])}: {loc[-1]}" if len(loc) > 1 else _owner(doc, loc)

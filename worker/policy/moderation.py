@@ -5,23 +5,33 @@ A category's score for image ``x`` is its probability in a softmax, scaled by th
 :func:`worker.policy.scoring.one_vs_background`), so adding, removing or editing another
 category never changes it and thresholds stay valid while the policy grows. An animation
 scores each category at its maximum over the frames scored, and a flag names that frame.
+
+A category is described by text (``prompts``: its head is the template ensemble, and the
+background is the ``background`` prompts) or shown by images (``exemplars``: its head is
+the normalised mean of the exemplars' normalised embeddings, and the background is the
+policy's ``background_exemplars``, each its own head). Image-image cosines run well above
+image-text ones (CLIP's modality gap), so an exemplar head is only ever contrasted with
+image heads, and a text head with text heads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from worker.documents import Flag, ModerationResult
 from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Section
-from worker.policy.heads import build_heads, ensemble_texts
+from worker.policy.heads import Materials, build_head, build_heads, ensemble_texts
 from worker.policy.schema import (
     MAX_CLASSES,
+    MAX_IMAGE_REFS,
     Action,
+    FileRef,
     Ident,
     PolicyBase,
     Prompt,
@@ -33,14 +43,45 @@ from worker.policy.scoring import one_vs_background
 
 
 class Category(Strict):
-    """A moderation category: prompts describing it, and what to do when it scores high."""
+    """A moderation category: prompts describing it (or example images of it), and what to
+    do when it scores high. A score in ``[review_at, threshold)`` is a ``review`` flag."""
 
     id: Ident
-    prompts: list[Prompt] = Field(min_length=1)
+    prompts: list[Prompt] = Field(default_factory=list)
+    exemplars: list[FileRef] = Field(default_factory=list, max_length=MAX_IMAGE_REFS)
     threshold: float = Field(0.5, ge=0.0, le=1.0)
+    review_at: float | None = Field(None, ge=0.0, le=1.0)
     action: Action = "flag"
     severity: Severity = "medium"
     description: str = ""
+
+    @model_validator(mode="after")
+    def _one_definition(self) -> Category:
+        if not self.prompts and not self.exemplars:
+            raise PydanticCustomError("no_definition", "a category needs prompts or exemplars")
+        if self.prompts and self.exemplars:
+            raise PydanticCustomError(
+                "both_definitions",
+                "give either 'prompts' (text) or 'exemplars' (images), not both: a head is "
+                "compared with backgrounds of its own kind",
+            )
+        if self.review_at is not None and self.review_at >= self.threshold:
+            raise PydanticCustomError(
+                "review_band",
+                "review_at ({review_at}) must be below threshold ({threshold}): scores in "
+                "[review_at, threshold) go to review",
+                {"review_at": self.review_at, "threshold": self.threshold},
+            )
+        return self
+
+    def band(self, score: float) -> tuple[float, Action] | None:
+        """The bound ``score`` reached and its action: ``(threshold, action)`` at or above
+        the threshold, ``(review_at, "review")`` in the review band, else None."""
+        if score >= self.threshold:
+            return self.threshold, self.action
+        if self.review_at is not None and score >= self.review_at:
+            return self.review_at, "review"
+        return None
 
 
 class ModerationPolicy(PolicyBase):
@@ -50,12 +91,35 @@ class ModerationPolicy(PolicyBase):
     HAS_THRESHOLDS: ClassVar[bool] = True
 
     kind: Literal["moderation"] = "moderation"
-    background: list[Prompt] = Field(min_length=1)
+    background: list[Prompt] = Field(default_factory=list)
+    background_exemplars: list[FileRef] = Field(default_factory=list, max_length=MAX_IMAGE_REFS)
     categories: list[Category] = Field(min_length=1, max_length=MAX_CLASSES)
 
     _unique_categories = unique_ids("categories", "category")
 
+    @model_validator(mode="after")
+    def _backgrounds_for_each_side(self) -> ModerationPolicy:
+        if any(c.prompts for c in self.categories) and not self.background:
+            raise PydanticCustomError(
+                "background_needed",
+                "missing key 'background': categories with prompts need prompts of "
+                "ordinary content to be contrasted with",
+            )
+        if any(c.exemplars for c in self.categories) and not self.background_exemplars:
+            raise PydanticCustomError(
+                "background_needed",
+                "missing key 'background_exemplars': categories with exemplars need images "
+                "of ordinary content for your platform (against text backgrounds an image "
+                "head would score every image near 1: CLIP's image-image cosines run "
+                "higher than image-text ones)",
+            )
+        return self
+
+    def class_ids(self) -> list[str]:
+        return [c.id for c in self.categories]
+
     def class_prompts(self) -> dict[str, list[str]]:
+        """Text categories' prompts (an exemplar category has none: it has images)."""
         return {c.id: list(c.prompts) for c in self.categories}
 
     def background_prompts(self) -> list[str] | None:
@@ -63,42 +127,84 @@ class ModerationPolicy(PolicyBase):
 
     def text_groups(self) -> list[list[str]]:
         templates = self.template_list()
-        categories = [ensemble_texts(c.prompts, templates) for c in self.categories]
+        categories = [ensemble_texts(c.prompts, templates) for c in self.categories if c.prompts]
         return categories + [ensemble_texts([b], templates) for b in self.background]
 
-    def compile(self, lookup: Mapping[str, torch.Tensor], version: str) -> CompiledModeration:
-        return CompiledModeration(self, version, build_heads(self.text_groups(), lookup))
+    def image_refs(self) -> list[str]:
+        refs = [ref for c in self.categories for ref in c.exemplars]
+        return list(dict.fromkeys(refs + list(self.background_exemplars)))
+
+    def compile(self, materials: Materials, version: str) -> CompiledModeration:
+        groups = self.text_groups()
+        text = iter(build_heads(groups, materials.texts) if groups else ())
+        rows: list[torch.Tensor] = []
+        exemplar_ids: list[tuple[str, ...]] = []
+        for category in self.categories:
+            if category.prompts:
+                rows.append(next(text))
+                exemplar_ids.append(())
+            else:
+                items = materials.items(category.exemplars)
+                rows.append(build_head(torch.stack([i.embedding for i in items])))
+                exemplar_ids.append(tuple(i.id for i in items))
+        rows.extend(text)  # the text background heads
+        backgrounds = materials.items(self.background_exemplars)
+        rows.extend(i.embedding for i in backgrounds)
+        return CompiledModeration(
+            self,
+            version,
+            torch.stack(rows),
+            text_backgrounds=len(self.background),
+            exemplar_ids=tuple(exemplar_ids),
+        )
 
 
 @dataclass(frozen=True)
 class CompiledModeration(CompiledPolicy[ModerationPolicy]):
-    """Rows of ``matrix``: the categories, then each background prompt."""
+    """Rows of ``matrix``: the categories, each text background prompt, then each
+    background exemplar. ``exemplar_ids[c]`` names the exemplars of an exemplar category
+    (empty for a text one)."""
+
+    text_backgrounds: int = 0
+    exemplar_ids: tuple[tuple[str, ...], ...] = ()
 
     @property
     def num_categories(self) -> int:
         return len(self.policy.categories)
 
     def scores(self, embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
-        return one_vs_background(embeddings, self.matrix, self.num_categories, logit_scale)
+        first = self.num_categories
+        if not any(self.exemplar_ids):  # text only: every other row is a background prompt
+            return one_vs_background(embeddings, self.matrix, first, logit_scale)
+        text = range(first, first + self.text_backgrounds)
+        images = range(first + self.text_backgrounds, self.matrix.shape[0])
+        backgrounds = [images if ids else text for ids in self.exemplar_ids]
+        return one_vs_background(embeddings, self.matrix, first, logit_scale, backgrounds)
 
-    def section(self, values: Sequence[float], frames: Sequence[int] | None = None) -> Section:
+    def section(
+        self, values: Sequence[float], frames: Sequence[int] | None = None, pdq: str | None = None
+    ) -> Section:
         scores: dict[str, float] = {}
         flags: list[Flag] = []
         for index, (category, score) in enumerate(zip(self.policy.categories, values, strict=True)):
             scores[category.id] = round(score, SCORE_DIGITS)
-            if score >= category.threshold:
-                where = {} if frames is None else {"frame": frames[index]}
-                flags.append(self._flag(category, score, **where))
+            crossed = category.band(score)
+            if crossed is not None:
+                bound, action = crossed
+                frame = None if frames is None else frames[index]
+                flags.append(self._flag(category, score, bound, action, frame=frame))
         flags.sort(key=lambda f: f.score, reverse=True)
         return Section(ModerationResult(version=self.version, scores=scores, flags=flags), flags)
 
-    def _flag(self, category: Category, score: float, **evidence: Any) -> Flag:
+    def _flag(
+        self, category: Category, score: float, bound: float, action: Action, **evidence: Any
+    ) -> Flag:
         return Flag(
             policy=self.name,
             category=category.id,
             score=round(score, SCORE_DIGITS),
-            threshold=category.threshold,
-            action=category.action,
+            threshold=bound,
+            action=action,
             severity=category.severity,
             **evidence,
         )

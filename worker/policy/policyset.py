@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from worker.log import get_logger
 from worker.model import LoadedModel
 from worker.policy import LoadedPolicy
 from worker.policy.compiled import CompiledPolicy
-from worker.policy.heads import compile_policy
+from worker.policy.heads import ImageItem, compile_policy
 
 log = get_logger(__name__)
 CACHE_FILE = "embeddings.sqlite3"
@@ -43,9 +43,19 @@ class PolicySet:
     def names(self) -> list[str]:
         return list(self.compiled)
 
+    @property
+    def hashes_images(self) -> bool:
+        """Whether any policy matches PDQ hashes (the engine then hashes every image)."""
+        return any(c.hash_lists for c in self.compiled.values())
+
 
 def open_prompt_cache(cache_dir: Path, model: LoadedModel) -> EmbeddingCache:
     return EmbeddingCache(cache_dir / CACHE_FILE, model.fingerprint)
+
+
+#: Gathers what a policy lists (images by reference, hash lists by reference); see
+#: :class:`worker.materials.MaterialsGatherer`.
+Gather = Callable[[LoadedPolicy], tuple[Mapping[str, Sequence[ImageItem]], Mapping[str, Any]]]
 
 
 def compile_policies(
@@ -53,10 +63,13 @@ def compile_policies(
     model: LoadedModel,
     cache: EmbeddingCache | None,
     on_progress: Callable[[str, int, int], None] | None = None,
+    gather: Gather | None = None,
 ) -> PolicySet:
     """Compile every policy; only prompts missing from ``cache`` reach the text tower.
 
     ``on_progress(policy_name, done, total)`` reports prompts encoded for a policy.
+    ``gather`` supplies the images and hash lists of policies that list any (required
+    for those).
     """
     compiled: dict[str, CompiledPolicy[Any]] = {}
     stats: dict[str, CompileStats] = {}
@@ -68,7 +81,13 @@ def compile_policies(
 
         embedder = CachedEmbedder(model.encode_texts, cache, progress)
         started = time.perf_counter()
-        policy = compile_policy(item.policy, embedder, model.fingerprint)
+        images: Mapping[str, Sequence[ImageItem]] = {}
+        hash_lists: Mapping[str, Any] = {}
+        if item.policy.image_refs() or item.policy.hash_refs():
+            if gather is None:
+                raise ValueError(f"policy {item.name!r} lists images or hash files: pass gather")
+            images, hash_lists = gather(item)
+        policy = compile_policy(item.policy, embedder, model.fingerprint, images, hash_lists)
         policy = policy.to(model.device)
         seconds = time.perf_counter() - started
         stats[item.name] = CompileStats(seconds, embedder.hits + embedder.misses, embedder.misses)

@@ -11,18 +11,24 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, ClassVar, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
 from worker.policy.templates import TEMPLATE_SETS, template_problem
 
+if TYPE_CHECKING:
+    from worker.policy.heads import Materials
+
 Action = Literal["flag", "review", "block"]
 Severity = Literal["low", "medium", "high", "critical"]
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+#: A path (relative to the policy file's folder), glob or URI of images or a hash file.
+FileRef = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=4096)]
+#: Most image references one list of a policy may give.
+MAX_IMAGE_REFS = 10_000
 Ident = Annotated[
     str, StringConstraints(strip_whitespace=True, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 ]
@@ -116,9 +122,18 @@ class PolicyBase(Strict):
 
     @abstractmethod
     def text_groups(self) -> list[list[str]]:
-        """Every head's templated texts, in the row order of the compiled matrix."""
+        """Every text head's templated texts, in the row order of the compiled matrix."""
 
-    def compile(self, lookup: Mapping[str, torch.Tensor], version: str) -> Any:
-        """The kind's :class:`~worker.policy.compiled.CompiledPolicy`, from embeddings of
-        every text of :meth:`text_groups` (each kind module implements it)."""
+    def image_refs(self) -> list[str]:
+        """Every image reference (path, glob or URI, as written) the policy lists."""
+        return []
+
+    def hash_refs(self) -> list[str]:
+        """Every hash file (as written) the policy lists."""
+        return []
+
+    def compile(self, materials: Materials, version: str) -> Any:
+        """The kind's :class:`~worker.policy.compiled.CompiledPolicy`, from the embeddings
+        of every text of :meth:`text_groups` and the images and hash lists it lists (each
+        kind module implements it)."""
         raise NotImplementedError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 
 from worker.documents import TagScore, TagsResult
 from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Section
-from worker.policy.heads import build_heads, ensemble_texts
+from worker.policy.heads import Materials, build_heads, ensemble_texts
 from worker.policy.schema import MAX_CLASSES, PolicyBase, Prompt, Strict, unique_ids
 from worker.policy.scoring import softmax_scores
 
@@ -57,8 +57,8 @@ class TagsPolicy(PolicyBase):
         templates = self.template_list()
         return [ensemble_texts(t.prompts, templates) for t in self.tags]
 
-    def compile(self, lookup: Mapping[str, torch.Tensor], version: str) -> CompiledTags:
-        return CompiledTags(self, version, build_heads(self.text_groups(), lookup))
+    def compile(self, materials: Materials, version: str) -> CompiledTags:
+        return CompiledTags(self, version, build_heads(self.text_groups(), materials.texts))
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ class CompiledTags(CompiledPolicy[TagsPolicy]):
         ``top_k`` and ``min_score`` are applied."""
         return [math.fsum(column) / len(frames) for column in zip(*frames, strict=True)], None
 
-    def section(self, values: Sequence[float], frames: Sequence[int] | None = None) -> Section:
+    def section(
+        self, values: Sequence[float], frames: Sequence[int] | None = None, pdq: str | None = None
+    ) -> Section:
         kept = self.top(values)
         tags = [TagScore(tag=t, score=round(s, SCORE_DIGITS)) for t, s in kept]
         return Section(TagsResult(version=self.version, tags=tags), labels=kept)

@@ -1,5 +1,8 @@
 """Hot policy reload: watch the policy directory, recompile on change, swap atomically.
 
+The files policies list (a blocklist's hash files, exemplar and known images) are watched
+too, by size, mtime and inode: replacing a hash file reloads like editing a policy.
+
 The watcher hashes the directory's policy files every ``interval_s`` (content, not mtimes,
 so ConfigMap symlink swaps and editors that preserve mtimes are seen). A valid change is
 compiled (only new prompts reach the text tower) and swapped into the engine; batches in
@@ -29,6 +32,7 @@ from pathlib import Path
 from worker.engine import Engine
 from worker.errors import PolicyError
 from worker.log import get_logger
+from worker.materials import listed_files_signature
 from worker.policy.loading import (
     MAX_POLICY_BYTES,
     LoadedPolicy,
@@ -112,8 +116,14 @@ class PolicyWatcher(threading.Thread):
         self.directory = directory
         self.compile_fn = compile_fn
         self.interval_s = interval_s
-        self.signature = directory_signature(directory)
+        self.signature = self._signature()
         self._stop_event = threading.Event()
+
+    def _signature(self) -> str:
+        """The policy files' contents, and the size and mtime of every file the policies
+        in service list (hash files, exemplar and known images)."""
+        listed = listed_files_signature(self.engine.policies.sources.values())
+        return f"{directory_signature(self.directory)}:{listed}"
 
     def _reject(self, problems: list[str], error: BaseException | None = None) -> None:
         self.rejected = bounded_lines(problems, self.directory)
@@ -131,7 +141,7 @@ class PolicyWatcher(threading.Thread):
         Any failure keeps the set in service and is reported in ``rejected``; the same
         content is not retried until the directory changes again.
         """
-        signature = directory_signature(self.directory)
+        signature = self._signature()
         if signature == self.signature:
             return False
         self.signature = signature
@@ -145,6 +155,7 @@ class PolicyWatcher(threading.Thread):
             self._reject([f"{self.directory}:0: reload failed: {type(exc).__name__}: {exc}"], exc)
             return False
         self.engine.policies = policies
+        self.signature = self._signature()  # with the files the new set lists
         self.rejected = []
         if self.on_reload is not None:
             self.on_reload(policies)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -48,6 +48,7 @@ class EmbeddedFiles:
     encoded: int  # how many images (files) went through the image tower
     cached: int  # how many came from the cache
     spans: list[tuple[int, int]]  # each file's [start, end) rows; a still has one row
+    sha256s: list[str] = field(default_factory=list)  # each file's, in input order
 
     def per_file_mean(self) -> torch.Tensor:
         """(N, D): one row per file, the L2-normalised mean of its frames' rows (a still's
@@ -86,7 +87,7 @@ class _File:
 
 def embed_files(
     model: LoadedModel,
-    paths: Sequence[Path],
+    paths: Sequence[Path] | Sequence[str],
     cache: EmbeddingCache | None,
     *,
     max_pixels: int,
@@ -98,11 +99,13 @@ def embed_files(
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
     jpeg_draft: bool = True,
     max_frames: int = DEFAULT_MAX_FRAMES,
+    read: Callable[[Any], bytes] = Path.read_bytes,
 ) -> EmbeddedFiles:
     """L2-normalised embeddings of every frame the worker scores in ``paths``, decoded as
     the engine decodes them with these settings (``WORKER_IMAGE__*``); raises JobError
     naming a file that fails. ``on_progress(n)`` counts files done; ``batch_size`` caps
-    the frames per encoder call (a file's frames are never split)."""
+    the frames per encoder call (a file's frames are never split). ``read`` gives a
+    file's bytes (a policy's exemplars are read through the worker's sources)."""
     options = DecodeOptions(
         max_pixels=max_pixels,
         allowed_formats=frozenset(f.upper() for f in allowed_formats),
@@ -113,12 +116,12 @@ def embed_files(
     )
     install_decompression_bomb_guard(max_pixels)  # as the engine does
 
-    def named(path: Path, exc: JobError) -> JobError:
+    def named(path: object, exc: JobError) -> JobError:
         return JobError(f"{path}: {exc.message}", code=exc.code)
 
-    def read(path: Path) -> _File:
-        data = path.read_bytes()
+    def load(path: Path | str) -> _File:
         try:
+            data = read(path)
             decoded = options.open(data)  # the header checks and the frame plan, no pixel
         except JobError as exc:
             raise named(path, exc) from None
@@ -133,7 +136,7 @@ def embed_files(
         return decoded.indices, inputs
 
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        files = list(pool.map(read, paths))
+        files = list(pool.map(load, paths))
         keys = [[frame_key(f.sha256, options, k) for k in f.plan] for f in files]
         found = cache.get_many([k for ks in keys for k in ks]) if cache is not None else {}
         rows: dict[str, list[torch.Tensor]] = {}  # sha256 -> its frames' embeddings
@@ -171,7 +174,9 @@ def embed_files(
         spans.append((len(stacked), len(stacked) + len(rows[file.sha256])))
         stacked.extend(rows[file.sha256])
     embeddings = torch.stack(stacked) if stacked else torch.empty(0, 0)
-    return EmbeddedFiles(embeddings, len(unique), len(files) - len(missing), spans)
+    return EmbeddedFiles(
+        embeddings, len(unique), len(files) - len(missing), spans, [f.sha256 for f in files]
+    )
 
 
 def _chunks(items: list[int], sizes: list[int], limit: int) -> list[list[int]]:
