@@ -131,3 +131,23 @@ categories:
     prompts: [a gun]
     threshold: 0.6
 """
+
+
+def choose_bounds(scores: list[float], min_gap: float = 0.002) -> tuple[float, float]:
+    """``(review_at, threshold)`` in the widest gaps of the sorted ``scores``, leaving at
+    least two scores below review_at, two in the band and two at or above threshold; a
+    gap under ``min_gap`` fails the test (the bounds would sit on a score)."""
+    ordered = sorted(scores)
+    count = len(ordered)
+
+    def widest(start: int, stop: int) -> int:  # i: the gap between ordered[i] and [i + 1]
+        return max(range(start, stop), key=lambda i: ordered[i + 1] - ordered[i])
+
+    low = widest(1, count // 2)
+    high = widest(low + 2, count - 2)
+    for i in (low, high):
+        assert ordered[i + 1] - ordered[i] >= min_gap, f"scores too close to split: {ordered}"
+    return (
+        round((ordered[low] + ordered[low + 1]) / 2, 4),
+        round((ordered[high] + ordered[high + 1]) / 2, 4),
+    )

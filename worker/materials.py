@@ -93,6 +93,38 @@ def listed_files_signature(loaded: Iterable[LoadedPolicy]) -> str:
     return digest.hexdigest()
 
 
+def _problem(loaded: LoadedPolicy, message: str) -> PolicyProblem:
+    return PolicyProblem(str(loaded.path), loaded.line, f"policy {loaded.name!r}: {message}")
+
+
+def resolve_listed(
+    loaded: LoadedPolicy,
+) -> tuple[dict[str, list[tuple[str, str]]], dict[str, Any]]:
+    """What ``loaded``'s policy lists, without the model: each image reference's
+    ``(id, uri)`` pairs (globs expanded) and each hash file parsed. Raises PolicyError
+    with every reference that names nothing and every bad line of a hash file
+    (`worker policies check` reports them too)."""
+    from worker.pdq import load_hash_list
+
+    problems: list[PolicyProblem] = []
+    base = loaded.path.parent
+    expanded: dict[str, list[tuple[str, str]]] = {}
+    for ref in loaded.policy.image_refs():
+        try:
+            expanded[ref] = expand_ref(ref, base)
+        except ValueError as exc:
+            problems.append(_problem(loaded, f"{ref!r}: {exc}"))
+    hash_lists: dict[str, Any] = {}
+    for ref in loaded.policy.hash_refs():
+        try:
+            hash_lists[ref] = load_hash_list(_local(ref, base))
+        except PolicyError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise PolicyError(problems)
+    return expanded, hash_lists
+
+
 class MaterialsGatherer:
     """Gathers, for one policy at a time, the images and hash lists it lists."""
 
@@ -107,31 +139,9 @@ class MaterialsGatherer:
     def gather(self, loaded: LoadedPolicy) -> tuple[dict[str, list[ImageItem]], dict[str, Any]]:
         """(images by reference, hash lists by reference) of ``loaded``'s policy; raises
         PolicyError naming the policy file and every reference that fails."""
-        policy, problems = loaded.policy, []
-        refs = policy.image_refs()
-        base = loaded.path.parent
-        expanded: dict[str, list[tuple[str, str]]] = {}
-        for ref in refs:
-            try:
-                expanded[ref] = expand_ref(ref, base)
-            except ValueError as exc:
-                problems.append(self._problem(loaded, f"{ref!r}: {exc}"))
-        hash_lists: dict[str, Any] = {}
-        for ref in policy.hash_refs():
-            from worker.pdq import load_hash_list
-
-            try:
-                hash_lists[ref] = load_hash_list(_local(ref, base))
-            except PolicyError as exc:
-                problems.extend(exc.problems)
-        if problems:
-            raise PolicyError(problems)
+        expanded, hash_lists = resolve_listed(loaded)
         images = self._embed(loaded, expanded) if expanded else {}
         return images, hash_lists
-
-    @staticmethod
-    def _problem(loaded: LoadedPolicy, message: str) -> PolicyProblem:
-        return PolicyProblem(str(loaded.path), loaded.line, f"policy {loaded.name!r}: {message}")
 
     def _embed(
         self, loaded: LoadedPolicy, expanded: Mapping[str, Sequence[tuple[str, str]]]
@@ -155,7 +165,7 @@ class MaterialsGatherer:
                 read=lambda uri: self.fetcher.fetch(ImageRef(uri=uri)),
             )
         except JobError as exc:
-            raise PolicyError([self._problem(loaded, exc.message)]) from None
+            raise PolicyError([_problem(loaded, exc.message)]) from None
         finally:
             cache.close()
         vectors = dict(zip(uris, embedded.per_file_mean(), strict=True))

@@ -24,7 +24,7 @@ import redis
 from standardwebhooks import Webhook
 
 from tests.cli_runner import run_cli
-from tests.helpers import wait_until, write_images, write_policy
+from tests.helpers import choose_bounds, wait_until, write_images, write_policy
 from tests.integration.queue_helpers import queue_client, queue_drained
 from tests.integration.servers import HttpServer
 from tests.processes import WorkerProcess, cli
@@ -44,7 +44,6 @@ categories:
     severity: high
 {bounds}"""
 #: The narrowest gap a band bound may sit in (it sits in the middle: half of it each side).
-MIN_GAP = 0.002
 BANDS = ("allow", "review", "block")
 
 
@@ -53,25 +52,6 @@ def receiver() -> Iterator[HttpServer]:
     server = HttpServer("127.0.0.1")
     yield server
     server.close()
-
-
-def choose_bounds(scores: list[float]) -> tuple[float, float]:
-    """``(review_at, threshold)`` in the widest gaps of the sorted ``scores``, leaving at
-    least two images below review_at, two in the band and two at or above threshold
-    (as in tests/unit/test_decisions.py)."""
-    ordered = sorted(scores)
-    count = len(ordered)
-
-    def widest(start: int, stop: int) -> int:  # i: the gap between ordered[i] and [i + 1]
-        return max(range(start, stop), key=lambda i: ordered[i + 1] - ordered[i])
-
-    low = widest(1, count // 2)
-    high = widest(low + 2, count - 2)
-    for i in (low, high):
-        assert ordered[i + 1] - ordered[i] >= MIN_GAP, f"scores too close to split: {ordered}"
-    return round((ordered[low] + ordered[low + 1]) / 2, 4), round(
-        (ordered[high] + ordered[high + 1]) / 2, 4
-    )
 
 
 def banded_images(root: Path, env: dict[str, str]) -> tuple[dict[str, Path], Path]:

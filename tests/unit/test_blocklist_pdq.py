@@ -169,3 +169,19 @@ def test_a_replaced_hash_file_reloads_like_a_policy(
         assert decision() == "block"
     finally:
         engine.close()
+
+
+def test_policies_check_reads_the_hash_files_and_image_lists(
+    world: dict[str, Path], tiny_model_name: str
+) -> None:
+    env = {"WORKER_POLICY_DIR": str(world["policies"])}
+    ok = run_cli("policies", "check", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "blocklist 'known-bad'" in ok.stderr
+    hashes = world["policies"] / "hashes" / "shared.txt"
+    hashes.write_text(hashes.read_text() + "abc,short\n")
+    (world["policies"] / "known-bad.yaml").write_text(POLICY + "images: [gone/*.png]\n")
+    bad = run_cli("policies", "check", env=env)
+    assert bad.returncode == 1
+    assert f"{hashes}:22: not a PDQ hash" in bad.stderr
+    assert "'gone/*.png': the pattern matches no file" in bad.stderr

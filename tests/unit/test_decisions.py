@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.cli_runner import run_cli
-from tests.helpers import write_images, write_policy
+from tests.helpers import choose_bounds, write_images, write_policy
 from worker.documents import DECISION_ACTIONS, Decision, Flag, Result
 from worker.errors import PluginError
 from worker.plugins import route_of, routes_to
@@ -180,26 +180,7 @@ categories:
 #: Calibration: nothing is flagged, only the scores are read.
 NO_FLAGS = "    threshold: 1.0\n"
 #: The narrowest gap a band bound may sit in (it sits in the middle: half of it each side).
-MIN_GAP = 0.002
 IMAGES = 12
-
-
-def choose_bounds(scores: list[float]) -> tuple[float, float]:
-    """``(review_at, threshold)`` in the widest gaps of the sorted ``scores``, leaving at
-    least two images below review_at, two in the band and two at or above threshold."""
-    ordered = sorted(scores)
-    count = len(ordered)
-
-    def widest(start: int, stop: int) -> int:  # i: the gap between ordered[i] and [i + 1]
-        return max(range(start, stop), key=lambda i: ordered[i + 1] - ordered[i])
-
-    low = widest(1, count // 2)
-    high = widest(low + 2, count - 2)
-    for i in (low, high):
-        assert ordered[i + 1] - ordered[i] >= MIN_GAP, f"scores too close to split: {ordered}"
-    return round((ordered[low] + ordered[low + 1]) / 2, 4), round(
-        (ordered[high] + ordered[high + 1]) / 2, 4
-    )
 
 
 @dataclass(frozen=True)

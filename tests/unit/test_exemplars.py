@@ -242,3 +242,22 @@ def test_exemplar_policy_errors_name_the_fix(
     assert proc.returncode != 0
     assert str(policy) in proc.stderr, proc.stderr
     assert fragment in proc.stderr, proc.stderr
+
+
+def test_finetune_refuses_an_exemplar_policy_before_loading_the_model(
+    world: dict[str, Path], gap_model: str
+) -> None:
+    policy = world["policies"] / "memes.yaml"
+    proc = run_cli(
+        "finetune",
+        "--data",
+        str(world["data"] / "labels.csv"),
+        "--policy",
+        str(policy),
+        "--out",
+        str(world["data"] / "tuned"),
+        env=_env(world, gap_model),
+    )
+    assert proc.returncode != 0
+    assert "fine-tuning trains against text heads, and template has none" in proc.stderr
+    assert "model.loaded" not in proc.stderr

@@ -43,9 +43,12 @@ def _write(line: str) -> None:
 
 @app.command()
 def check(ctx: typer.Context, paths: PathsArg = None) -> None:
-    """Validate policy files. Prints `file:line: message` per problem on stderr and exits 1
-    on any; prints `ok file:line kind 'name'` per valid policy otherwise."""
-    from worker.policy import load_policies  # the model stack: not imported by `--help`
+    """Validate policy files, and the images and hash files they list (no model needed).
+    Prints `file:line: message` per problem on stderr and exits 1 on any; prints
+    `ok file:line kind 'name'` per valid policy otherwise."""
+    # the model stack: not imported by `--help`
+    from worker.materials import resolve_listed
+    from worker.policy import load_policies
 
     settings = state(ctx).settings
     targets = paths or [settings.policy_dir]
@@ -54,6 +57,14 @@ def check(ctx: typer.Context, paths: PathsArg = None) -> None:
         fail(f"no such policy file or directory: {', '.join(str(p) for p in missing)}")
     try:
         loaded = load_policies(targets)
+        problems = []
+        for item in loaded:  # the files each lists: images there, hash files well formed
+            try:
+                resolve_listed(item)
+            except PolicyError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise PolicyError(problems)
     except PolicyError as exc:
         for problem in exc.problems:  # nothing else: every line is one problem
             _write(problem_line(problem))

@@ -191,6 +191,15 @@ def check_data(opts: FinetuneOptions) -> tuple[LabelledSet, LabelledSet | None, 
     data = read_labelled(opts.data)
     known = opts.policy.policy.class_ids() if opts.policy else None
     classes = sorted({label for e in data.examples for label in e.labels})
+    if opts.policy is not None:
+        shown = [c for c, prompts in opts.policy.policy.class_prompts().items() if not prompts]
+        if shown or known == []:
+            problems.append(
+                f"--policy {opts.policy.name}: fine-tuning trains against text heads, and "
+                f"{', '.join(shown) or 'this ' + opts.policy.policy.KIND + ' policy'} has "
+                "none (exemplar categories and blocklists are images); give a policy of "
+                "prompts, or none to use the labels as prompts"
+            )
     checks: list[tuple[list[str] | None, int, tuple[str, ...], bool]] = [
         (known, 0, (), True),  # every file readable, every label known
         (classes, opts.min_per_class, ("train",), False),
