@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from worker.documents import ImageRef
 from worker.embedding_cache import EmbeddingCache
+from worker.engine import DecodeOptions
 from worker.errors import JobError, PolicyError, PolicyProblem
 from worker.fetcher import ImageFetcher, uri_scheme
 from worker.model import LoadedModel
@@ -147,7 +148,6 @@ class MaterialsGatherer:
         self, loaded: LoadedPolicy, expanded: Mapping[str, Sequence[tuple[str, str]]]
     ) -> dict[str, list[ImageItem]]:
         uris = list(dict.fromkeys(uri for pairs in expanded.values() for _, uri in pairs))
-        image = self.settings.image
         cache = EmbeddingCache(
             self.settings.cache_dir / CACHE_FILE, self.model.fingerprint, kind="image"
         )
@@ -156,12 +156,7 @@ class MaterialsGatherer:
                 self.model,
                 uris,
                 cache,
-                max_pixels=image.max_pixels,
-                allowed_formats=image.allowed_formats,
-                max_side=image.max_side,
-                max_aspect_ratio=image.max_aspect_ratio,
-                jpeg_draft=image.jpeg_draft,
-                max_frames=image.max_frames,
+                DecodeOptions.from_settings(self.settings.image, self.model),
                 read=lambda uri: self.fetcher.fetch(ImageRef(uri=uri)),
             )
         except JobError as exc:

@@ -18,6 +18,7 @@ import torch
 
 from tests.cli_runner import run_cli
 from tests.synthetic import write_finetune_domain, write_shape_set
+from worker.engine import DecodeOptions
 from worker.errors import DataError
 from worker.model import LoadedModel, load_model
 from worker.policy import LoadedPolicy, load_policy_file
@@ -248,11 +249,5 @@ def test_reference_images_hold_the_base_embeddings(
 
 
 def embeddings(model: LoadedModel, images: list[Path]) -> torch.Tensor:
-    settings = Settings()
-    return embed_files(
-        model,
-        images,
-        None,
-        max_pixels=settings.image.max_pixels,
-        allowed_formats=settings.image.allowed_formats,
-    ).embeddings
+    options = DecodeOptions.from_settings(Settings().image, model)
+    return embed_files(model, images, None, options).embeddings

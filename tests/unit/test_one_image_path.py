@@ -282,13 +282,14 @@ def test_embed_files_gives_every_frame_and_ignores_old_cache_entries(
         # What the old first-frame path stored: a vector keyed by the bare sha256.
         stale = {hashlib.sha256(p.read_bytes()).hexdigest(): torch.ones(4) for p in paths}
         cache.put_many(stale)
-        formats = ["GIF", "PNG"]
-        first = embed_files(
-            tiny_model, paths, cache, max_pixels=64_000_000, allowed_formats=formats, max_frames=3
+        options = DecodeOptions(
+            max_pixels=64_000_000,
+            allowed_formats=frozenset({"GIF", "PNG"}),
+            draft_size=tiny_model.image_size,
+            max_frames=3,
         )
-        second = embed_files(
-            tiny_model, paths, cache, max_pixels=64_000_000, allowed_formats=formats, max_frames=3
-        )
+        first = embed_files(tiny_model, paths, cache, options)
+        second = embed_files(tiny_model, paths, cache, options)
     finally:
         cache.close()
     assert (first.encoded, first.cached) == (2, 0)

@@ -70,6 +70,7 @@ def eval_command(  # noqa: PLR0915 - the lazy imports of the model stack count a
     import numpy as np
 
     from worker.embedding_cache import EmbeddingCache
+    from worker.engine import DecodeOptions
     from worker.policy import select_policies
     from worker.policy.policyset import CACHE_FILE
     from worker.runtime import compile_configured, load_configured_model
@@ -116,12 +117,7 @@ def eval_command(  # noqa: PLR0915 - the lazy imports of the model stack count a
                 model,
                 [e.path for e in dataset.examples],
                 cache,
-                max_pixels=settings.image.max_pixels,
-                allowed_formats=settings.image.allowed_formats,
-                max_side=settings.image.max_side,
-                max_aspect_ratio=settings.image.max_aspect_ratio,
-                jpeg_draft=settings.image.jpeg_draft,
-                max_frames=settings.image.max_frames,
+                DecodeOptions.from_settings(settings.image, model),
                 batch_size=batch_size,
                 workers=settings.decode_workers,
                 on_progress=lambda n: progress.advance(task, n),

@@ -27,13 +27,10 @@ import torch
 from PIL import Image
 from torch.nn.functional import normalize
 
-from worker.animation import DEFAULT_MAX_FRAMES
 from worker.embedding_cache import EmbeddingCache
 from worker.engine import DecodeOptions, ModelInput, frame_inputs
 from worker.errors import JobError
 from worker.images import (
-    DEFAULT_MAX_ASPECT_RATIO,
-    DEFAULT_MAX_SIDE,
     install_decompression_bomb_guard,
 )
 from worker.model import LoadedModel
@@ -89,32 +86,20 @@ def embed_files(
     model: LoadedModel,
     paths: Sequence[Path] | Sequence[str],
     cache: EmbeddingCache | None,
+    options: DecodeOptions,
     *,
-    max_pixels: int,
-    allowed_formats: Sequence[str],
     batch_size: int = 64,
     workers: int = 0,
     on_progress: Callable[[int], None] | None = None,
-    max_side: int = DEFAULT_MAX_SIDE,
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
-    jpeg_draft: bool = True,
-    max_frames: int = DEFAULT_MAX_FRAMES,
     read: Callable[[Any], bytes] = Path.read_bytes,
 ) -> EmbeddedFiles:
     """L2-normalised embeddings of every frame the worker scores in ``paths``, decoded as
-    the engine decodes them with these settings (``WORKER_IMAGE__*``); raises JobError
-    naming a file that fails. ``on_progress(n)`` counts files done; ``batch_size`` caps
-    the frames per encoder call (a file's frames are never split). ``read`` gives a
-    file's bytes (a policy's exemplars are read through the worker's sources)."""
-    options = DecodeOptions(
-        max_pixels=max_pixels,
-        allowed_formats=frozenset(f.upper() for f in allowed_formats),
-        draft_size=model.image_size if jpeg_draft else None,
-        max_frames=max_frames,
-        max_side=max_side,
-        max_aspect_ratio=max_aspect_ratio,
-    )
-    install_decompression_bomb_guard(max_pixels)  # as the engine does
+    the engine decodes them with ``options`` (:meth:`DecodeOptions.from_settings`:
+    ``WORKER_IMAGE__*``); raises JobError naming a file that fails. ``on_progress(n)``
+    counts files done; ``batch_size`` caps the frames per encoder call (a file's frames
+    are never split). ``read`` gives a file's bytes (a policy's exemplars are read
+    through the worker's sources)."""
+    install_decompression_bomb_guard(options.max_pixels)  # as the engine does
 
     def named(path: object, exc: JobError) -> JobError:
         return JobError(f"{path}: {exc.message}", code=exc.code)
