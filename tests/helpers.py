@@ -133,6 +133,20 @@ categories:
 """
 
 
+#: One moderation category whose ``{bounds}`` (``threshold:`` and ``review_at:`` lines)
+#: the review-band tests fill in from measured scores.
+BANDED_POLICY = """\
+name: mod
+kind: moderation
+background: [an ordinary photo, a plain wall]
+categories:
+  - id: weapons
+    prompts: [a gun, a knife]
+    action: block
+    severity: high
+{bounds}"""
+
+
 def choose_bounds(scores: list[float], min_gap: float = 0.002) -> tuple[float, float]:
     """``(review_at, threshold)`` in the widest gaps of the sorted ``scores``, leaving at
     least two scores below review_at, two in the band and two at or above threshold; a

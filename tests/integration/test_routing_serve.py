@@ -24,7 +24,7 @@ import redis
 from standardwebhooks import Webhook
 
 from tests.cli_runner import run_cli
-from tests.helpers import choose_bounds, wait_until, write_images, write_policy
+from tests.helpers import BANDED_POLICY, choose_bounds, wait_until, write_images, write_policy
 from tests.integration.queue_helpers import queue_client, queue_drained
 from tests.integration.servers import HttpServer
 from tests.processes import WorkerProcess, cli
@@ -33,16 +33,6 @@ from worker.queue.app import send_job
 
 pytestmark = pytest.mark.integration
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-MODERATION = """\
-name: mod
-kind: moderation
-background: [an ordinary photo, a plain wall]
-categories:
-  - id: weapons
-    prompts: [a gun, a knife]
-    action: block
-    severity: high
-{bounds}"""
 #: The narrowest gap a band bound may sit in (it sits in the middle: half of it each side).
 BANDS = ("allow", "review", "block")
 
@@ -59,7 +49,7 @@ def banded_images(root: Path, env: dict[str, str]) -> tuple[dict[str, Path], Pat
     whose ``mod`` policy puts them there."""
     images = write_images(root / "imgs", 12)
     policies = root / "policies"
-    write_policy(policies, MODERATION.format(bounds="    threshold: 1.0\n"), "mod.yaml")
+    write_policy(policies, BANDED_POLICY.format(bounds="    threshold: 1.0\n"), "mod.yaml")
     first = run_cli("classify", str(root / "imgs"), env={**env, "WORKER_POLICY_DIR": str(policies)})
     assert first.returncode == 0, first.stderr
     docs = [json.loads(line) for line in first.stdout.splitlines()]
@@ -77,7 +67,7 @@ def banded_images(root: Path, env: dict[str, str]) -> tuple[dict[str, Path], Pat
     assert scores[chosen["allow"]] < review_at <= scores[chosen["review"]] < threshold
     assert threshold <= scores[chosen["block"]]
     bounds = f"    threshold: {threshold}\n    review_at: {review_at}\n"
-    write_policy(policies, MODERATION.format(bounds=bounds), "mod.yaml")
+    write_policy(policies, BANDED_POLICY.format(bounds=bounds), "mod.yaml")
     return {band: by_name[name] for band, name in chosen.items()}, policies
 
 

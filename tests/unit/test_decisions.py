@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.cli_runner import run_cli
-from tests.helpers import choose_bounds, write_images, write_policy
+from tests.helpers import BANDED_POLICY, choose_bounds, write_images, write_policy
 from worker.documents import DECISION_ACTIONS, Decision, Flag, Result
 from worker.errors import PluginError
 from worker.plugins import route_of, routes_to
@@ -167,16 +167,6 @@ def test_an_error_result_reaches_only_sinks_without_when() -> None:
 
 # --------------------------------------------------------------------------- the bands
 
-MODERATION = """\
-name: mod
-kind: moderation
-background: [an ordinary photo, a plain wall]
-categories:
-  - id: weapons
-    prompts: [a gun, a knife]
-    action: block
-    severity: high
-{bounds}"""
 #: Calibration: nothing is flagged, only the scores are read.
 NO_FLAGS = "    threshold: 1.0\n"
 #: The narrowest gap a band bound may sit in (it sits in the middle: half of it each side).
@@ -211,7 +201,7 @@ def banded(tmp_path_factory: pytest.TempPathFactory, tiny_model_name: str) -> Ba
     images = root / "imgs"
     write_images(images, IMAGES)
     policies = root / "policies"
-    write_policy(policies, MODERATION.format(bounds=NO_FLAGS), "mod.yaml")
+    write_policy(policies, BANDED_POLICY.format(bounds=NO_FLAGS), "mod.yaml")
     env = {
         "WORKER_MODEL__NAME": tiny_model_name,
         "WORKER_CACHE_DIR": str(root / "cache"),
@@ -229,7 +219,7 @@ def banded(tmp_path_factory: pytest.TempPathFactory, tiny_model_name: str) -> Ba
     print(f"\nweapons scores: {dict(sorted(scores.items(), key=lambda kv: kv[1]))}")
     print(f"review_at={review_at} threshold={threshold}")
     bounds = f"    threshold: {threshold}\n    review_at: {review_at}\n"
-    write_policy(policies, MODERATION.format(bounds=bounds), "mod.yaml")
+    write_policy(policies, BANDED_POLICY.format(bounds=bounds), "mod.yaml")
     return Banded(env, images, scores, review_at, threshold)
 
 
