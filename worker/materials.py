@@ -54,8 +54,13 @@ def expand_ref(ref: str, base: Path) -> list[tuple[str, str]]:
         return [(stem, ref)]
     raw = ref.removeprefix("file://")
     path = _local(raw, base)
-    if _GLOB_CHARS & set(raw):
-        found = sorted(p for p in map(Path, glob.glob(str(path), recursive=True)) if p.is_file())
+    if _GLOB_CHARS & set(raw) and not path.is_file():  # a file named like a pattern is a file
+        # The pattern is matched below the policy folder (root_dir), so brackets or stars
+        # in the folder's own path are not read as a pattern.
+        pattern = os.path.expanduser(raw)
+        root = None if os.path.isabs(pattern) else base
+        matches = glob.glob(pattern, root_dir=root, recursive=True)
+        found = sorted(p for p in (_local(m, base) for m in matches) if p.is_file())
         if not found:
             raise ValueError(f"the pattern matches no file (looked for {path})")
         return [(p.stem, str(p)) for p in found]

@@ -261,3 +261,21 @@ def test_finetune_refuses_an_exemplar_policy_before_loading_the_model(
     assert proc.returncode != 0
     assert "fine-tuning trains against text heads, and template has none" in proc.stderr
     assert "model.loaded" not in proc.stderr
+
+
+def test_globs_resolve_below_a_policy_folder_whose_path_has_glob_characters(
+    tmp_path: Path,
+) -> None:
+    from worker.materials import expand_ref
+
+    base = tmp_path / "team[1]*" / "policies"
+    (base / "examples").mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.txt"):
+        (base / "examples" / name).write_bytes(b"x")
+    found = expand_ref("examples/*.png", base)
+    assert found == [
+        ("a", str(base / "examples" / "a.png")),
+        ("b", str(base / "examples" / "b.png")),
+    ]
+    absolute = expand_ref(str(base / "examples" / "a.png"), tmp_path)
+    assert absolute == [("a", str(base / "examples" / "a.png"))]
