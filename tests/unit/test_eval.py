@@ -6,25 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from tests.cli_runner import run_cli
 from tests.synthetic import COLOURS_POLICY as POLICY
 from tests.synthetic import write_shape_set
-
-
-@pytest.fixture
-def eval_env(tmp_path: Path, trained_model_name: str) -> dict[str, str]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "colours.yaml").write_text(POLICY)
-    return {
-        "WORKER_MODEL__NAME": trained_model_name,
-        "WORKER_CACHE_DIR": str(tmp_path / "cache"),
-        "WORKER_POLICY_DIR": str(policies),
-        "WORKER_DEVICE": "cpu",
-        "WORKER_LOG_FORMAT": "json",
-    }
 
 
 def test_eval_writes_metrics_report_plots_then_reuses_embeddings(

@@ -15,7 +15,7 @@ import pytest
 from sklearn.metrics import precision_recall_curve
 
 from tests.cli_runner import CliResult, run_cli
-from tests.synthetic import COLOURS_POLICY, write_shape_set
+from tests.synthetic import write_shape_set
 from worker.errors import PolicyError
 from worker.policy.loading import load_policy_file
 from worker.tuning.thresholds import edit_thresholds, write_checked
@@ -48,20 +48,6 @@ categories:
     threshold: 0.5
     review_at: 1.0e-07
 """
-
-
-@pytest.fixture
-def eval_env(tmp_path: Path, trained_model_name: str) -> dict[str, str]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "colours.yaml").write_text(COLOURS_POLICY)
-    return {
-        "WORKER_MODEL__NAME": trained_model_name,
-        "WORKER_CACHE_DIR": str(tmp_path / "cache"),
-        "WORKER_POLICY_DIR": str(policies),
-        "WORKER_DEVICE": "cpu",
-        "WORKER_LOG_FORMAT": "json",
-    }
 
 
 def _policy(env: dict[str, str]) -> Path:
