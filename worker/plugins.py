@@ -149,14 +149,15 @@ def route_of(config: dict[str, Any]) -> frozenset[str] | None:
     value = config.get(ROUTE_OPTION)
     if value is None:
         return None
-    parts = value.split("|") if isinstance(value, str) else value
-    if not isinstance(parts, list) or not parts:
-        parts = [value]
+    if isinstance(value, str):
+        parts: list[Any] = value.split("|")
+    else:  # a job's JSON may give a list; anything else is shown in the error
+        parts = value if isinstance(value, list) and value else [value]
     actions = [p.strip() if isinstance(p, str) else p for p in parts]
     wrong = [a for a in actions if a not in DECISION_ACTIONS]
     if wrong:
         raise PluginError(
-            f"bad option for sink {str(config.get('type'))[:64]!r}: when={short(wrong[0])} is not "
+            f"bad option for sink {str(config.get('type'))[:64]!r}: when={_shown(wrong[0])} is not "
             f"a decision; give {' | '.join(DECISION_ACTIONS)}, several separated by '|' "
             "(e.g. when=review|block)"
         )
@@ -176,7 +177,7 @@ def plugin_options(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in {"type", ROUTE_OPTION}}
 
 
-def short(value: Any) -> str:
+def _shown(value: Any) -> str:
     return redact_text(repr(value))[:80]
 
 
