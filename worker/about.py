@@ -21,6 +21,8 @@ SERVE_MODULES = frozenset(
         "matplotlib",
         "pdqhash",
         "faiss",
+        "lancedb",
+        "pyarrow",
     }
 )
 SERVE_HINT = "pip install 'moderation-worker[serve]'"

@@ -155,6 +155,33 @@ class ModelInfo(BaseModel):
     fingerprint: str
 
 
+class Evidence(BaseModel):
+    """Why a category scored high: the closest of its prompts (or exemplars) and the
+    closest background, each by cosine to the image."""
+
+    prompt: str | None = Field(
+        None,
+        description="The category prompt as the YAML writes it (not templated) whose "
+        "template-ensembled head is closest to the image; null for an exemplar category, "
+        "whose flag names its closest exemplar in `item`.",
+    )
+    similarity: float = Field(
+        description="Cosine between the image and that head (or closest exemplar)."
+    )
+    background: str | None = Field(
+        None,
+        description="The closest background prompt (or background exemplar id).",
+    )
+    background_similarity: float | None = Field(
+        None, description="Cosine between the image and that background's head."
+    )
+    margin: float | None = Field(
+        None,
+        description="logit_scale x (similarity - background_similarity): how far the "
+        "category's closest prompt is ahead of the closest background, in logits.",
+    )
+
+
 class Flag(BaseModel):
     policy: str
     category: str
@@ -179,6 +206,11 @@ class Flag(BaseModel):
         None,
         description="Exemplar and embedding matches: the cosine between the image and the "
         "listed image (or closest exemplar).",
+    )
+    evidence: Evidence | None = Field(
+        None,
+        description="Category flags: the closest prompt and background and the margin "
+        "between them (blocklist matches name their item instead).",
     )
 
 
@@ -206,10 +238,19 @@ class Decision(BaseModel):
         return cls(action=strongest, categories=list(dict.fromkeys(carriers)))
 
 
+#: A policy section's mode: a shadow policy is scored and reported, never acted on.
+PolicyMode = Literal["live", "shadow"]
+MODE_DESCRIPTION = (
+    "`shadow`: scored and reported here only; its flags never reach the top-level "
+    "`flags`, `labels` or `decision`."
+)
+
+
 class ModerationResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str
+    mode: PolicyMode = Field("live", description=MODE_DESCRIPTION)
     scores: dict[str, float]
     flags: list[Flag]
 
@@ -218,6 +259,7 @@ class BlocklistResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str
+    mode: PolicyMode = Field("live", description=MODE_DESCRIPTION)
     matches: list[Flag] = Field(description="The listed images this image matched, if any.")
 
 
@@ -230,6 +272,7 @@ class TagsResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str
+    mode: PolicyMode = Field("live", description=MODE_DESCRIPTION)
     tags: list[TagScore]
 
 
@@ -249,11 +292,15 @@ class Result(BaseModel):
     policies: dict[str, ModerationResult | TagsResult | BlocklistResult] = Field(
         default_factory=dict
     )
-    flags: list[Flag] = Field(default_factory=list, description="Every policy's flags.")
-    labels: list[str] = Field(default_factory=list, description="Every tag kept, best first.")
+    flags: list[Flag] = Field(
+        default_factory=list, description="Every live policy's flags (shadow ones excluded)."
+    )
+    labels: list[str] = Field(
+        default_factory=list, description="Every tag kept by a live policy, best first."
+    )
     decision: Decision | None = Field(
         None,
-        description="The strongest action among the flags, and the categories behind it "
+        description="The strongest action among the live flags, and the categories behind it "
         "(`allow` when nothing is flagged); null for an error result.",
     )
     metadata: dict[str, Any] = Field(default_factory=dict)

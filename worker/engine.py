@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,18 +26,7 @@ import numpy as np
 import torch
 
 from worker.animation import DEFAULT_MAX_FRAMES, DecodedFrames, decode_frames
-from worker.documents import (
-    BlocklistResult,
-    Decision,
-    ErrorInfo,
-    Flag,
-    ImageInfo,
-    ImageRef,
-    ModelInfo,
-    ModerationResult,
-    Result,
-    TagsResult,
-)
+from worker.documents import ErrorInfo, ImageInfo, ImageRef, ModelInfo, Result
 from worker.errors import JobError
 from worker.fetcher import ImageFetcher
 from worker.images import (
@@ -47,8 +36,8 @@ from worker.images import (
 )
 from worker.log import get_logger
 from worker.model import LoadedModel
-from worker.pdq import MIN_MATCH_QUALITY, image_pdq
-from worker.policy.compiled import CompiledPolicy, Section
+from worker.pdq import image_pdq
+from worker.policy.compiled import Observed
 from worker.policy.policyset import PolicySet
 from worker.redact import redact_text, redact_uri
 
@@ -58,6 +47,9 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 ModelInput = np.ndarray | torch.Tensor  # what LoadedModel.image_input gives for one picture
+#: Receives each scored batch's ok results with their images' ``(frames, D)`` embeddings
+#: (the embedding store's writer); called on the scoring thread, so it must not block.
+Recorder = Callable[[list[tuple[Result, torch.Tensor]]], None]
 
 
 @dataclass(frozen=True)
@@ -182,6 +174,7 @@ class Engine:
         self.workers = decode_workers or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         self.worker_name = f"{socket.gethostname()}/{os.getpid()}"
+        self.recorder: Recorder | None = None
         install_decompression_bomb_guard(max_pixels)
 
     # ------------------------------------------------------------------ preparing one image
@@ -282,40 +275,27 @@ class Engine:
                     good.append((prep, len(rows)))
                     embeddings.extend(e for e in rows if isinstance(e, torch.Tensor))
         results: dict[int, Result] = {}
+        recorded: list[tuple[Result, torch.Tensor]] = []
         if good:
             started = time.perf_counter()
-            per_policy = self._score_all(torch.stack(embeddings), policies)
+            stacked = torch.stack(embeddings)
+            per_policy = policies.score(stacked, self.model.logit_scale)
             score_ms = round(_ms(started) / len(good), 3)
             start = 0
             for prep, count in good:
                 prep.timings["score"] = score_ms
                 span = range(start, start + count)
                 start += count
-                results[id(prep)] = self._ok_result(prep, span, per_policy, policies)
+                result = self._ok_result(prep, span, per_policy, policies, stacked)
+                results[id(prep)] = result
+                if result.status == "ok":
+                    recorded.append((result, stacked[span.start : span.stop]))
+        if recorded and self.recorder is not None:
+            try:
+                self.recorder(recorded)
+            except Exception:  # the store is a by-product: never fail scored jobs for it
+                log.exception("store.record_failed", rows=len(recorded))
         return [results.get(id(p)) or self._error_result(p) for p in batch]
-
-    def _score_all(
-        self, embeddings: torch.Tensor, policies: PolicySet
-    ) -> dict[str, list[list[float]]]:
-        """Scores of every loaded policy for every embedding (one matmul per policy)."""
-        out: dict[str, list[list[float]]] = {}
-        for name, compiled in policies.compiled.items():
-            out[name] = compiled.scores(embeddings, self.model.logit_scale).cpu().tolist()
-        return out
-
-    @staticmethod
-    def _section(
-        compiled: CompiledPolicy[Any], prep: Prepared, frames: list[list[float]]
-    ) -> Section:
-        """One policy's part of one image: a still's scores as they are; an animation's
-        frames pooled by the policy, its flags naming the frame that drove them."""
-        pdq = prep.info.pdq if (prep.info.pdq_quality or 0) >= MIN_MATCH_QUALITY else None
-        if not prep.animated:
-            return compiled.section(frames[0], pdq=pdq)
-        values, drivers = compiled.pool_frames(frames)
-        indices = prep.info.frame_indices or []
-        where = None if drivers is None else [indices[r] for r in drivers]
-        return compiled.section(values, where, pdq=pdq)
 
     def _ok_result(
         self,
@@ -323,6 +303,7 @@ class Engine:
         rows: range,
         per_policy: dict[str, list[list[float]]],
         policies: PolicySet,
+        embeddings: torch.Tensor,
     ) -> Result:
         names = prep.item.policies or policies.names()
         gone = [n for n in names if n not in policies]
@@ -331,24 +312,14 @@ class Engine:
                 f"unknown policy {', '.join(map(repr, gone))}", code="policy_not_found"
             )
             return self._error_result(prep)
-        results: dict[str, ModerationResult | TagsResult | BlocklistResult] = {}
-        flags: list[Flag] = []
-        labels: list[tuple[str, float]] = []
-        for name in names:
-            frames = per_policy[name][rows.start : rows.stop]
-            section = self._section(policies.compiled[name], prep, frames)
-            results[name] = section.body
-            flags.extend(section.flags)
-            labels.extend(section.labels)
-        best_first = sorted(labels, key=lambda pair: pair[1], reverse=True)
-        return self._result(
-            prep,
-            status="ok",
-            policies=results,
-            flags=sorted(flags, key=lambda f: f.score, reverse=True),
-            labels=list(dict.fromkeys(tag for tag, _ in best_first)),
-            decision=Decision.of(flags),
+        scored = policies.assemble(
+            names,
+            {name: per_policy[name][rows.start : rows.stop] for name in names},
+            Observed(embeddings[rows.start : rows.stop], self.model.logit_scale),
+            prep.info.frame_indices if prep.animated else None,
+            (prep.info.pdq, prep.info.pdq_quality),
         )
+        return self._result(prep, status="ok", **scored.fields())
 
     def _error_result(self, prep: Prepared) -> Result:
         error = prep.error or JobError("image was not prepared", code="internal_error")

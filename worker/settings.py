@@ -248,6 +248,30 @@ class ImageSettings(Section):
         return [v.upper() for v in value]
 
 
+class StoreSettings(Section):
+    """The embedding store (``WORKER_STORE__*``): every scored image's embedding, for
+    `worker policies preview`, `worker rescore` and `worker search`."""
+
+    uri: str = Field(
+        "",
+        description="A directory, s3://bucket/prefix (a fleet of workers on many hosts; "
+        "S3 settings and AWS credentials apply) or 'none' to keep no embeddings. Default: "
+        "<WORKER_CACHE_DIR>/store.",
+    )
+    batch_rows: int = Field(
+        512, ge=1, le=100_000, description="Most rows one background commit writes."
+    )
+    flush_interval_s: float = Field(
+        1.0, gt=0, description="Longest time a scored image's row waits to be committed."
+    )
+    max_pending_rows: int = Field(
+        20_000,
+        ge=1,
+        description="Rows waiting for the store at most; beyond it (store down for long) "
+        "new rows are dropped and counted, never the jobs.",
+    )
+
+
 class Settings(BaseSettings):
     """Everything moderation-worker can be told. See docs/operations.md for the full table."""
 
@@ -264,7 +288,8 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(
         default_factory=_default_cache_dir,
-        description="Prompt-embedding and image-embedding caches.",
+        description="Prompt-embedding and image-embedding caches, and the embedding store "
+        "unless WORKER_STORE__URI says otherwise.",
     )
     model: ModelSettings = Field(default_factory=ModelSettings)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
@@ -284,6 +309,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     sink_roots: list[Path] = Field(
         default_factory=list,
         description="Directories under which a job may name a `local` sink in a queue worker; "

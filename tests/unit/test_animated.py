@@ -38,6 +38,7 @@ from worker.engine import Engine, WorkItem
 from worker.errors import ImageError
 from worker.images import decode_image
 from worker.model import LoadedModel
+from worker.policy.compiled import Observed
 from worker.policy.moderation import CompiledModeration
 from worker.policy.tags import CompiledTags
 from worker.runtime import build_engine
@@ -372,8 +373,11 @@ def test_still_images_score_exactly_as_before(fmt: str, make_engine: Callable[..
     embeddings = model.encode_images(model.batch_pixels(pixels))
     for row, result in enumerate(results):
         assert result.status == "ok"
+        seen = Observed(embeddings[row : row + 1], model.logit_scale)
         expected = {
-            name: compiled.section(compiled.scores(embeddings, model.logit_scale).tolist()[row])
+            name: compiled.section(
+                compiled.scores(embeddings, model.logit_scale).tolist()[row], observed=seen
+            )
             for name, compiled in engine.policies.compiled.items()
         }
         assert result.policies == {name: s.body for name, s in expected.items()}  # bit for bit

@@ -222,6 +222,7 @@ def test_altered_copies_match_their_listed_image(
                 "item": item,
                 "distance": None,
                 "similarity": similarity,
+                "evidence": None,  # a match names its item instead
             }
             assert result["flags"] == [match]
             assert result["decision"] == {"action": "block", "categories": ["known/images"]}

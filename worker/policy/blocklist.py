@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from worker.documents import BlocklistResult, Flag
-from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Section
+from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Observed, Section
 from worker.policy.heads import Materials
 from worker.policy.schema import MAX_IMAGE_REFS, Action, FileRef, PolicyBase, Severity
 
@@ -101,7 +101,11 @@ class CompiledBlocklist(CompiledPolicy[BlocklistPolicy]):
         return embeddings @ self.matrix.to(embeddings).T
 
     def section(
-        self, values: Sequence[float], frames: Sequence[int] | None = None, pdq: str | None = None
+        self,
+        values: Sequence[float],
+        frames: Sequence[int] | None = None,
+        pdq: str | None = None,
+        observed: Observed | None = None,
     ) -> Section:
         matches: list[Flag] = []
         policy = self.policy
@@ -129,7 +133,8 @@ class CompiledBlocklist(CompiledPolicy[BlocklistPolicy]):
                 score = 1 - distance / PDQ_BITS
                 bound = 1 - policy.max_distance / PDQ_BITS
                 matches.append(self._flag("pdq", score, bound, item=item, distance=distance))
-        return Section(BlocklistResult(version=self.version, matches=matches), matches)
+        body = BlocklistResult(version=self.version, mode=self.policy.mode, matches=matches)
+        return Section(body, matches)
 
     def _flag(self, category: str, score: float, bound: float, **match: Any) -> Flag:
         """A match; a PDQ match's ``score`` is ``1 - distance / 256`` (its ``threshold``

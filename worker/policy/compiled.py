@@ -32,6 +32,21 @@ class Section:
 
 
 @dataclass(frozen=True)
+class Observed:
+    """The image behind a section's scores, for the evidence on its flags: its frames'
+    L2-normalised embeddings ``(F, D)`` (one row for a still), for an animation the row
+    that gave each class its score, and the model's logit scale."""
+
+    embeddings: torch.Tensor
+    logit_scale: float
+    rows: Sequence[int] | None = None
+
+    def row(self, index: int) -> torch.Tensor:
+        """The embedding that gave class ``index`` its score."""
+        return self.embeddings[0 if self.rows is None else self.rows[index]]
+
+
+@dataclass(frozen=True)
 class CompiledPolicy(ABC, Generic[P]):
     """A policy, its version (sha256 of definition + model) and its heads, one per row."""
 
@@ -63,13 +78,23 @@ class CompiledPolicy(ABC, Generic[P]):
         """``(N, D)`` normalised image embeddings -> ``(N, classes)`` scores in [0, 1]: the
         numbers results carry and eval measures (one matmul)."""
 
+    @property
+    def shadow(self) -> bool:
+        """A shadow policy's flags and labels stay in its own section."""
+        return self.policy.mode == "shadow"
+
     @abstractmethod
     def section(
-        self, values: Sequence[float], frames: Sequence[int] | None = None, pdq: str | None = None
+        self,
+        values: Sequence[float],
+        frames: Sequence[int] | None = None,
+        pdq: str | None = None,
+        observed: Observed | None = None,
     ) -> Section:
         """One image's class scores -> its part of the result (flags, tags, labels).
         ``frames``, for an animation, names the frame that gave each class its score;
-        ``pdq`` is the image's PDQ hash when a hash list is loaded."""
+        ``pdq`` is the image's PDQ hash when a hash list is loaded; ``observed``, when
+        given, is the image's embeddings, from which flags get their evidence."""
 
     @property
     def hash_lists(self) -> tuple[Any, ...]:

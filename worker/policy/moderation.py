@@ -17,15 +17,15 @@ image heads, and a text head with text heads.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from worker.documents import Flag, ModerationResult
-from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Section
+from worker.documents import Evidence, Flag, ModerationResult
+from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Observed, Section
 from worker.policy.heads import Materials, build_head, build_heads, ensemble_texts
 from worker.policy.schema import (
     MAX_CLASSES,
@@ -136,17 +136,27 @@ class ModerationPolicy(PolicyBase):
 
     def compile(self, materials: Materials, version: str) -> CompiledModeration:
         groups = self.text_groups()
+        templates = self.template_list()
         text = iter(build_heads(groups, materials.texts) if groups else ())
         rows: list[torch.Tensor] = []
         exemplar_ids: list[tuple[str, ...]] = []
+        # Evidence: each category's prompts (their own template ensembles) or exemplars.
+        witness_rows: list[torch.Tensor] = []
+        witnesses: list[tuple[str, ...]] = []
         for category in self.categories:
             if category.prompts:
                 rows.append(next(text))
                 exemplar_ids.append(())
+                one_each = [ensemble_texts([p], templates) for p in category.prompts]
+                witness_rows.append(build_heads(one_each, materials.texts))
+                witnesses.append(tuple(category.prompts))
             else:
                 items = materials.items(category.exemplars)
-                rows.append(build_head(torch.stack([i.embedding for i in items])))
+                stacked = torch.stack([i.embedding for i in items])
+                rows.append(build_head(stacked))
                 exemplar_ids.append(tuple(i.id for i in items))
+                witness_rows.append(stacked)
+                witnesses.append(tuple(i.id for i in items))
         rows.extend(text)  # the text background heads
         backgrounds = materials.items(self.background_exemplars)
         rows.extend(i.embedding for i in backgrounds)
@@ -156,6 +166,9 @@ class ModerationPolicy(PolicyBase):
             torch.stack(rows),
             text_backgrounds=len(self.background),
             exemplar_ids=tuple(exemplar_ids),
+            witness_matrix=torch.cat(witness_rows),
+            witnesses=tuple(witnesses),
+            background_names=tuple(self.background) + tuple(i.id for i in backgrounds),
         )
 
 
@@ -167,10 +180,44 @@ class CompiledModeration(CompiledPolicy[ModerationPolicy]):
 
     text_backgrounds: int = 0
     exemplar_ids: tuple[tuple[str, ...], ...] = ()
+    #: Evidence: rows = every category's prompt heads (one template ensemble per prompt)
+    #: or exemplar embeddings, category after category; ``witnesses[c]`` names c's rows.
+    witness_matrix: torch.Tensor | None = None
+    witnesses: tuple[tuple[str, ...], ...] = ()
+    #: The background rows of ``matrix`` by name (prompt, or background exemplar id).
+    background_names: tuple[str, ...] = ()
+
+    def to(self, device: torch.device | str) -> CompiledModeration:
+        witness = None if self.witness_matrix is None else self.witness_matrix.to(device)
+        return replace(self, matrix=self.matrix.to(device), witness_matrix=witness)
 
     @property
     def num_categories(self) -> int:
         return len(self.policy.categories)
+
+    def evidence(self, index: int, embedding: torch.Tensor, logit_scale: float) -> Evidence:
+        """Category ``index``'s closest prompt (or exemplar) and closest background for
+        one image embedding ``(D,)``, by cosine."""
+        assert self.witness_matrix is not None
+        start = sum(len(w) for w in self.witnesses[:index])
+        names = self.witnesses[index]
+        own = self.witness_matrix[start : start + len(names)].to(embedding) @ embedding
+        best = int(own.argmax())
+        first = self.num_categories
+        if self.exemplar_ids[index]:
+            rows = range(first + self.text_backgrounds, self.matrix.shape[0])
+        else:
+            rows = range(first, first + self.text_backgrounds)
+        similarity = float(own[best])
+        evidence = Evidence(prompt=names[best], similarity=round(similarity, SCORE_DIGITS))
+        if rows:
+            theirs = self.matrix[rows.start : rows.stop].to(embedding) @ embedding
+            nearest = int(theirs.argmax())
+            against = float(theirs[nearest])
+            evidence.background = self.background_names[nearest + rows.start - first]
+            evidence.background_similarity = round(against, SCORE_DIGITS)
+            evidence.margin = round(logit_scale * (similarity - against), 4)
+        return evidence
 
     def scores(self, embeddings: torch.Tensor, logit_scale: float) -> torch.Tensor:
         first = self.num_categories
@@ -182,19 +229,33 @@ class CompiledModeration(CompiledPolicy[ModerationPolicy]):
         return one_vs_background(embeddings, self.matrix, first, logit_scale, backgrounds)
 
     def section(
-        self, values: Sequence[float], frames: Sequence[int] | None = None, pdq: str | None = None
+        self,
+        values: Sequence[float],
+        frames: Sequence[int] | None = None,
+        pdq: str | None = None,
+        observed: Observed | None = None,
     ) -> Section:
         scores: dict[str, float] = {}
         flags: list[Flag] = []
         for index, (category, score) in enumerate(zip(self.policy.categories, values, strict=True)):
             scores[category.id] = round(score, SCORE_DIGITS)
             crossed = category.band(score)
-            if crossed is not None:
-                bound, action = crossed
-                frame = None if frames is None else frames[index]
-                flags.append(self._flag(category, score, bound, action, frame=frame))
+            if crossed is None:
+                continue
+            bound, action = crossed
+            extra: dict[str, Any] = {"frame": None if frames is None else frames[index]}
+            if observed is not None and self.witness_matrix is not None:
+                found = self.evidence(index, observed.row(index), observed.logit_scale)
+                if self.exemplar_ids[index]:  # an exemplar category names its closest item
+                    extra |= {"item": found.prompt, "similarity": found.similarity}
+                    found = found.model_copy(update={"prompt": None})
+                extra["evidence"] = found
+            flags.append(self._flag(category, score, bound, action, **extra))
         flags.sort(key=lambda f: f.score, reverse=True)
-        return Section(ModerationResult(version=self.version, scores=scores, flags=flags), flags)
+        body = ModerationResult(
+            version=self.version, mode=self.policy.mode, scores=scores, flags=flags
+        )
+        return Section(body, flags)
 
     def _flag(
         self, category: Category, score: float, bound: float, action: Action, **evidence: Any

@@ -8,11 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from worker.documents import BlocklistResult, Decision, Flag, ModerationResult, TagsResult
 from worker.embedding_cache import CachedEmbedder, EmbeddingCache
 from worker.log import get_logger
 from worker.model import LoadedModel
+from worker.pdq import MIN_MATCH_QUALITY
 from worker.policy import LoadedPolicy
-from worker.policy.compiled import CompiledPolicy
+from worker.policy.compiled import CompiledPolicy, Observed, Section
 from worker.policy.heads import ImageItem, compile_policy
 
 log = get_logger(__name__)
@@ -47,6 +51,73 @@ class PolicySet:
     def hashes_images(self) -> bool:
         """Whether any policy matches PDQ hashes (the engine then hashes every image)."""
         return any(c.hash_lists for c in self.compiled.values())
+
+    def score(
+        self, embeddings: torch.Tensor, logit_scale: float, names: Sequence[str] | None = None
+    ) -> dict[str, list[list[float]]]:
+        """Scores of each policy (default: every one) for every embedding row: one matmul
+        per policy."""
+        return {
+            name: self.compiled[name].scores(embeddings, logit_scale).cpu().tolist()
+            for name in names or self.names()
+        }
+
+    def assemble(
+        self,
+        names: Sequence[str],
+        scores: Mapping[str, Sequence[Sequence[float]]],
+        observed: Observed,
+        frame_indices: Sequence[int] | None = None,
+        pdq: tuple[str | None, int | None] = (None, None),
+    ) -> Assembled:
+        """One image's part of a result from its rows of :meth:`score` (one row per frame
+        scored, ``frame_indices`` naming the frames of an animation): each policy's
+        section, and the live policies' flags, labels and decision. ``pdq`` is the image's
+        hash and quality, matched only at quality 50 or more."""
+        hash_, quality = pdq
+        usable = hash_ if (quality or 0) >= MIN_MATCH_QUALITY else None
+        sections: dict[str, ModerationResult | TagsResult | BlocklistResult] = {}
+        flags: list[Flag] = []
+        labels: list[tuple[str, float]] = []
+        for name in names:
+            compiled = self.compiled[name]
+            rows = scores[name]
+            if frame_indices is None:
+                section: Section = compiled.section(rows[0], pdq=usable, observed=observed)
+            else:
+                values, drivers = compiled.pool_frames(rows)
+                where = None if drivers is None else [frame_indices[r] for r in drivers]
+                seen = Observed(observed.embeddings, observed.logit_scale, drivers)
+                section = compiled.section(values, where, pdq=usable, observed=seen)
+            sections[name] = section.body
+            if not compiled.shadow:
+                flags.extend(section.flags)
+                labels.extend(section.labels)
+        best_first = sorted(labels, key=lambda pair: pair[1], reverse=True)
+        return Assembled(
+            policies=sections,
+            flags=sorted(flags, key=lambda f: f.score, reverse=True),
+            labels=list(dict.fromkeys(tag for tag, _ in best_first)),
+            decision=Decision.of(flags),
+        )
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """The scored part of an ok result."""
+
+    policies: dict[str, ModerationResult | TagsResult | BlocklistResult]
+    flags: list[Flag]
+    labels: list[str]
+    decision: Decision
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "policies": self.policies,
+            "flags": self.flags,
+            "labels": self.labels,
+            "decision": self.decision,
+        }
 
 
 def open_prompt_cache(cache_dir: Path, model: LoadedModel) -> EmbeddingCache:

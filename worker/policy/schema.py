@@ -78,6 +78,9 @@ class PolicyBase(Strict):
     name: Ident
     description: str = ""
     templates: str | list[str] = "default"
+    #: ``shadow``: scored and reported in ``policies[name]``, never in the top-level
+    #: flags, labels or decision (trial a policy on live traffic before it acts).
+    mode: Literal["live", "shadow"] = "live"
 
     @field_validator("templates")
     @classmethod
@@ -104,7 +107,7 @@ class PolicyBase(Strict):
 
     def definition_hash(self) -> str:
         """sha256 of the policy as the scorer sees it (templates expanded)."""
-        body = self.model_dump(mode="json")
+        body = self.model_dump(mode="json", exclude={"mode"})  # same heads live or shadow
         body["templates"] = list(self.template_list())
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 

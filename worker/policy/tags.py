@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from worker.documents import TagScore, TagsResult
-from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Section
+from worker.policy.compiled import SCORE_DIGITS, CompiledPolicy, Observed, Section
 from worker.policy.heads import Materials, build_heads, ensemble_texts
 from worker.policy.schema import MAX_CLASSES, PolicyBase, Prompt, Strict, unique_ids
 from worker.policy.scoring import softmax_scores
@@ -84,11 +84,16 @@ class CompiledTags(CompiledPolicy[TagsPolicy]):
         return [math.fsum(column) / len(frames) for column in zip(*frames, strict=True)], None
 
     def section(
-        self, values: Sequence[float], frames: Sequence[int] | None = None, pdq: str | None = None
+        self,
+        values: Sequence[float],
+        frames: Sequence[int] | None = None,
+        pdq: str | None = None,
+        observed: Observed | None = None,
     ) -> Section:
         kept = self.top(values)
         tags = [TagScore(tag=t, score=round(s, SCORE_DIGITS)) for t, s in kept]
-        return Section(TagsResult(version=self.version, tags=tags), labels=kept)
+        body = TagsResult(version=self.version, mode=self.policy.mode, tags=tags)
+        return Section(body, labels=kept)
 
     def operating_point(self, index: int) -> tuple[float, str]:
         return self.policy.min_score, "tag"
