@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from worker.engine import Engine
 from worker.fetcher import ImageFetcher
@@ -13,6 +14,9 @@ from worker.plugins import PluginContext, make_sources
 from worker.policy import LoadedPolicy, select_policies
 from worker.policy.policyset import PolicySet, compile_policies, open_prompt_cache
 from worker.settings import DEFAULT_BATCH_SIZE, Settings
+
+if TYPE_CHECKING:
+    from worker.store import StoreWriter
 
 log = get_logger(__name__)
 
@@ -108,3 +112,26 @@ def build_engine(
         max_frames=settings.image.max_frames,
         max_aspect_ratio=settings.image.max_aspect_ratio,
     )
+
+
+def record_embeddings(
+    engine: Engine, settings: Settings, on_outcome: Callable[[str, int], None] | None = None
+) -> StoreWriter | None:
+    """Keep every image ``engine`` scores in the embedding store (``WORKER_STORE__URI``;
+    None when it is ``none``): a background writer commits the rows in batches.
+    ``on_outcome(outcome, rows)`` counts them (written, skipped, failed, dropped)."""
+    from worker.store import EmbeddingRow, EmbeddingStore, StoreWriter
+
+    store = EmbeddingStore.from_settings(settings)
+    if store is None:
+        return None
+    writer = StoreWriter(
+        store,
+        batch_rows=settings.store.batch_rows,
+        interval_s=settings.store.flush_interval_s,
+        max_pending=settings.store.max_pending_rows,
+        on_outcome=on_outcome,
+    )
+    engine.recorder = lambda scored: writer.put([EmbeddingRow.of(r, e) for r, e in scored])
+    log.info("store.open", store=store.uri)
+    return writer

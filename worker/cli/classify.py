@@ -8,7 +8,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import TYPE_CHECKING, Annotated, TextIO
 
 import typer
 from rich.table import Table
@@ -20,6 +20,11 @@ from worker.errors import ConfigurationError
 from worker.fetcher import IMAGE_SUFFIXES, uri_scheme
 from worker.log import get_logger, json_logging
 from worker.plugins import PluginContext
+
+if TYPE_CHECKING:
+    from worker.engine import Engine
+    from worker.queue.delivery import SinkCache
+    from worker.store import StoreWriter, WriterCounts
 
 GLOB_CHARS = set("*?[")
 
@@ -82,7 +87,12 @@ def job_id_for(uri: str) -> str:
     return "cli-" + hashlib.sha256(uri.encode()).hexdigest()[:24]
 
 
-def _summary(results: list[Result], seconds: float, sink_failures: list[str]) -> None:
+def _summary(
+    results: list[Result],
+    seconds: float,
+    sink_failures: list[str],
+    store: WriterCounts | None = None,
+) -> None:
     """The run's summary on stderr: a table on a terminal, one ``classify.finished`` log
     event where the logs are JSON lines (one format per run)."""
     ok = sum(r.status == "ok" for r in results)
@@ -97,6 +107,7 @@ def _summary(results: list[Result], seconds: float, sink_failures: list[str]) ->
             errors=dict(errors),
             flags=dict(flags),
             sink_failures=len(sink_failures),
+            store_rows=None if store is None else vars(store),
             img_per_s=round(rate, 1),
             seconds=round(seconds, 2),
         )
@@ -108,8 +119,19 @@ def _summary(results: list[Result], seconds: float, sink_failures: list[str]) ->
     table.add_row("flags", ", ".join(f"{c}: {n}" for c, n in flags.most_common()) or "none")
     if sink_failures:
         table.add_row("sink failures", f"{len(sink_failures)}: {sink_failures[0]}")
+    if store is not None:
+        lost = f", failed {store.failed + store.dropped}" if store.failed or store.dropped else ""
+        table.add_row("store", f"{store.written} rows added, {store.skipped} there already{lost}")
     table.add_row("throughput", f"{rate:.1f} img/s ({seconds:.1f} s)")
     stderr.print(table)
+
+
+def _close(engine: Engine, sinks: SinkCache, writer: StoreWriter | None) -> None:
+    """Stop the engine and the sinks, then commit the store rows still queued."""
+    engine.close()
+    sinks.close()
+    if writer is not None:
+        writer.close()
 
 
 def classify(
@@ -165,7 +187,7 @@ def classify(
     # expand_sources) and the light client never import torch.
     from worker.engine import WorkItem
     from worker.queue.delivery import SinkCache, deliver_inline
-    from worker.runtime import build_engine, resolve_batch_size
+    from worker.runtime import build_engine, record_embeddings, resolve_batch_size
 
     settings = state(ctx).settings
     uris = expand_sources(sources)
@@ -181,11 +203,12 @@ def classify(
     except BaseException:
         sinks.close()
         raise
+    writer = None
     try:
         out_file: TextIO = out.open("w", encoding="utf-8") if out else sys.stdout
+        writer = record_embeddings(engine, settings)  # None: WORKER_STORE__URI=none
     except BaseException:  # e.g. PermissionError: one line, exit 2 (CliGroup)
-        engine.close()
-        sinks.close()
+        _close(engine, sinks, writer)
         raise
     items = (WorkItem(job_id=job_id_for(u), image=ImageRef(uri=u)) for u in uris)
     results: list[Result] = []
@@ -214,8 +237,8 @@ def classify(
             out_file.close()
         else:
             out_file.flush()
-        engine.close()
-        sinks.close()
-    _summary(results, time.perf_counter() - started, sink_failures)
+        _close(engine, sinks, writer)
+    counts = None if writer is None else writer.counts
+    _summary(results, time.perf_counter() - started, sink_failures, counts)
     if not any(r.status == "ok" for r in results) or sink_failures:
         raise typer.Exit(EXIT_FAILED)

@@ -4,7 +4,9 @@
 |---|---|---|---|
 | ``moderation_jobs_total`` | counter | status, code | jobs finished (ok, or error with its code) |
 | ``moderation_policy_jobs_total`` | counter | policy | jobs scored by each policy |
-| ``moderation_flags_total`` | counter | policy, category, action | flags raised |
+| ``moderation_flags_total`` | counter | policy, category, action | flags raised (live policies) |
+| ``moderation_shadow_flags_total`` | counter | policy, category, action | shadow flags |
+| ``moderation_store_rows_total`` | counter | outcome | embedding-store rows (below) |
 | ``moderation_stage_seconds`` | histogram | stage | per-image time of fetch, decode, ... sink |
 | ``moderation_batch_size`` | histogram | | jobs per batch |
 | ``moderation_deliveries_total`` | counter | sink, outcome | delivered, retry_scheduled, ... |
@@ -17,6 +19,11 @@
 and prometheus_client's standard collectors for this process: ``process_*`` (resident and
 virtual memory, CPU seconds, open and maximum file descriptors, start time; Linux only),
 ``python_info`` and ``python_gc_*``. Under prefork each child serves its own.
+
+Shadow flags are those of ``mode: shadow`` policies (reported, never acted on). Store rows
+are ``written``, ``skipped`` (the job id was there already), ``failed`` (the store could
+not be written after retries) or ``dropped`` (too many rows waiting for a store that is
+down).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker.documents import Result
+from worker.documents import BlocklistResult, ModerationResult, Result
 
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -88,6 +95,18 @@ class Telemetry:
         self.flags = Counter(
             "moderation_flags", "Flags raised.", ["policy", "category", "action"], registry=r
         )
+        self.shadow_flags = Counter(
+            "moderation_shadow_flags",
+            "Flags of shadow policies (reported, never acted on).",
+            ["policy", "category", "action"],
+            registry=r,
+        )
+        self.store_rows = Counter(
+            "moderation_store_rows",
+            "Embedding-store rows by outcome (written, skipped, failed, dropped).",
+            ["outcome"],
+            registry=r,
+        )
         self.stages = Histogram(
             "moderation_stage_seconds",
             "Per-image time per stage.",
@@ -122,9 +141,18 @@ class Telemetry:
             self.policy_jobs.labels(name).inc()
         for flag in result.flags:
             self.flags.labels(flag.policy, flag.category, flag.action).inc()
+        for section in result.policies.values():
+            if section.mode == "shadow":
+                shadow = section.matches if isinstance(section, BlocklistResult) else []
+                shadow = section.flags if isinstance(section, ModerationResult) else shadow
+                for flag in shadow:
+                    self.shadow_flags.labels(flag.policy, flag.category, flag.action).inc()
         for stage in STAGES:
             if stage in result.timings_ms:
                 self.stages.labels(stage).observe(result.timings_ms[stage] / 1000)
+
+    def observe_store(self, outcome: str, rows: int) -> None:
+        self.store_rows.labels(outcome).inc(rows)
 
     def observe_batch(self, size: int) -> None:
         self.batch_size.observe(size)

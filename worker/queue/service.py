@@ -10,7 +10,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.engine import Engine
 from worker.log import get_logger
@@ -24,8 +24,16 @@ from worker.queue.delivery import Deliverer, DeliveryLoop, SinkCache
 from worker.queue.jobs import JobStore, RedisPluginState
 from worker.queue.processor import QueueProcessor
 from worker.queue.reload import PolicyWatcher
-from worker.runtime import build_engine, compile_configured, resolve_batch_size
+from worker.runtime import (
+    build_engine,
+    compile_configured,
+    record_embeddings,
+    resolve_batch_size,
+)
 from worker.settings import DEFAULT_BATCH_SIZE, Settings
+
+if TYPE_CHECKING:
+    from worker.store import StoreWriter
 
 log = get_logger(__name__)
 
@@ -56,6 +64,7 @@ class Service:
     telemetry: Telemetry
     batch_size: int = DEFAULT_BATCH_SIZE
     health: HealthServer | None = None
+    store_writer: StoreWriter | None = None
 
     @classmethod
     def start(cls, settings: Settings, resubmit: Callable[[dict[str, Any]], None]) -> Service:
@@ -114,6 +123,7 @@ class Service:
             telemetry,
         )
         service.batch_size = resolve_batch_size(settings, engine.model)
+        service.store_writer = record_embeddings(engine, settings, telemetry.observe_store)
         if settings.metrics.port:
             service.health = HealthServer(
                 settings.metrics.host,
@@ -167,6 +177,8 @@ class Service:
         self.deliverer.close()
         self.deliverer.sinks.close()
         self.engine.close()
+        if self.store_writer is not None:
+            self.store_writer.close()
         log.info("worker.stopped")
 
 
