@@ -66,7 +66,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
 
-class StoreError(Exception):
+class StoreError(ConfigurationError):
     """The store cannot be opened, read or written (the message names the fix)."""
 
 
@@ -391,6 +391,17 @@ class EmbeddingStore:
         for batch in query.to_batches(batch_rows):
             if batch.num_rows:
                 yield batch
+
+    def first_created(self, fingerprint: str | None = None) -> datetime | None:
+        """The earliest ``created_at`` of the rows of ``fingerprint`` (None: no rows)."""
+        earliest: datetime | None = None
+        for batch in self.scan(["created_at"], fingerprint):
+            import pyarrow.compute as pc
+
+            low = pc.min(batch.column("created_at")).as_py()
+            if low is not None and (earliest is None or low < earliest):
+                earliest = low
+        return None if earliest is None else earliest.astimezone(UTC)
 
     def stats(self) -> StoreStats:
         table = self.table()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli import evaluate, finetune, ops, plugins, policies, queue
+from worker.cli import evaluate, finetune, history, ops, plugins, policies, queue
 from worker.cli.classify import classify
 from worker.cli.common import EXIT_FAILED, TRACEBACK_ENV, State, one_line, state, stderr
 from worker.cli.errors import CliGroup
@@ -81,6 +81,7 @@ def root(
 
 
 app.command()(classify)
+app.command()(history.rescore)
 app.add_typer(policies.app, name="policies")
 app.command()(queue.serve)
 app.command()(queue.submit)

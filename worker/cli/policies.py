@@ -14,6 +14,7 @@ from rich.table import Table
 
 from worker.cli.common import progress_bar, state
 from worker.cli.errors import exits_on_errors, fail
+from worker.cli.history import preview
 from worker.errors import PolicyError
 
 app = typer.Typer(help="Validate and compile policy files.", no_args_is_help=True)
@@ -118,3 +119,6 @@ def compile(ctx: typer.Context, paths: PathsArg = None) -> None:
             compiled.version[:12],
         )
     Console().print(table)
+
+
+app.command()(preview)

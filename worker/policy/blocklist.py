@@ -149,5 +149,13 @@ class CompiledBlocklist(CompiledPolicy[BlocklistPolicy]):
             **match,
         )
 
+    def flagged(self, values: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """Embedding matches only: a PDQ match needs the image's hash, which the store
+        does not keep."""
+        if not self.item_ids:
+            return [], values.new_zeros(values.shape[0], 0, dtype=torch.bool)
+        best = values.max(dim=1, keepdim=True).values
+        return ["images"], best >= self.policy.min_similarity
+
     def operating_point(self, index: int) -> tuple[float, str]:
         return self.policy.min_similarity, self.policy.action

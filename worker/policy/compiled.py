@@ -117,6 +117,12 @@ class CompiledPolicy(ABC, Generic[P]):
         ]
         return [frames[row][cls] for cls, row in enumerate(rows)], rows
 
+    def flagged(self, values: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """What ``section`` would flag (or keep, for tags), for many images at once:
+        ``(N, classes)`` scores -> the names it reports and an ``(N, len(names))`` bool
+        mask. ``worker policies preview`` counts with it over stored traffic."""
+        raise NotImplementedError
+
     @abstractmethod
     def operating_point(self, index: int) -> tuple[float, str]:
         """The threshold in force for class ``index`` and what crossing it does (eval)."""

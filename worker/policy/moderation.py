@@ -270,6 +270,14 @@ class CompiledModeration(CompiledPolicy[ModerationPolicy]):
             **evidence,
         )
 
+    def flagged(self, values: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """A category is flagged from its ``review_at`` when it has one, else from its
+        threshold (any flag, whatever its action)."""
+        bounds = [
+            c.threshold if c.review_at is None else c.review_at for c in self.policy.categories
+        ]
+        return self.class_ids(), values >= values.new_tensor(bounds)
+
     def operating_point(self, index: int) -> tuple[float, str]:
         category = self.policy.categories[index]
         return category.threshold, category.action

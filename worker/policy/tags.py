@@ -95,5 +95,12 @@ class CompiledTags(CompiledPolicy[TagsPolicy]):
         body = TagsResult(version=self.version, mode=self.policy.mode, tags=tags)
         return Section(body, labels=kept)
 
+    def flagged(self, values: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """The tags kept: the ``top_k`` at or above ``min_score``."""
+        k = min(self.policy.top_k, values.shape[1])
+        top = torch.zeros_like(values, dtype=torch.bool)
+        top.scatter_(1, values.topk(k, dim=1).indices, True)
+        return self.class_ids(), top & (values >= self.policy.min_score)
+
     def operating_point(self, index: int) -> tuple[float, str]:
         return self.policy.min_score, "tag"
