@@ -149,7 +149,7 @@ def vectors(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    flat: np.ndarray = column.values.to_numpy(zero_copy_only=False)
+    flat: np.ndarray = column.flatten().to_numpy(zero_copy_only=False)  # respects a slice
     return flat.reshape(-1, dim)
 
 
@@ -290,18 +290,27 @@ class EmbeddingStore:
     """The ``embeddings`` table at one URI (a directory or ``s3://bucket/prefix``)."""
 
     def __init__(self, uri: str, options: Mapping[str, str] | None = None) -> None:
-        import lancedb
-
         self.uri = uri
         self.options = dict(options or {})
         if "://" not in uri:
             Path(uri).mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = lancedb.connect(uri, storage_options=self.options or None)
-        except Exception as exc:
-            raise StoreError(f"cannot open the embedding store at {uri}: {exc}") from exc
+        self._db: Any = None
         self._table: Any = None
         self._lock = threading.Lock()
+
+    @property
+    def db(self) -> Any:
+        """The LanceDB connection, made on first use (connecting to ``s3://`` lists the
+        bucket): an object store that is down when a worker starts costs rows, which the
+        writer counts, not the worker."""
+        if self._db is None:
+            import lancedb
+
+            try:
+                self._db = lancedb.connect(self.uri, storage_options=self.options or None)
+            except Exception as exc:
+                raise StoreError(f"cannot open the embedding store at {self.uri}: {exc}") from exc
+        return self._db
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddingStore | None:
@@ -491,10 +500,12 @@ class StoreWriter:
         return self._idle.wait(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
-        """Commit what is queued (up to ``timeout`` seconds), then stop the thread."""
-        self.flush(timeout)
+        """Commit what is queued now (without waiting for the flush interval; up to
+        ``timeout`` seconds), then stop the thread."""
         self._queue.put(None)
-        self._thread.join(timeout=5)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("store.close_timeout", pending=self._pending, seconds=timeout)
 
     def _count(self, outcome: str, rows: int) -> None:
         setattr(self.counts, outcome, getattr(self.counts, outcome) + rows)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli import evaluate, finetune, history, ops, plugins, policies, queue
+from worker.cli import evaluate, finetune, history, ops, plugins, policies, queue, store
 from worker.cli.classify import classify
 from worker.cli.common import EXIT_FAILED, TRACEBACK_ENV, State, one_line, state, stderr
 from worker.cli.errors import CliGroup
@@ -94,6 +94,8 @@ app.command()(ops.health)
 app.command()(ops.bench)
 app.add_typer(plugins.webhooks_app, name="webhooks")
 app.add_typer(plugins.secrets_app, name="secrets")
+app.add_typer(store.app, name="store")
+app.command()(store.search)
 
 
 @app.command()
