@@ -106,15 +106,6 @@ def trained_model_name(tmp_path_factory: pytest.TempPathFactory) -> str:
 def eval_env(tmp_path: Path, trained_model_name: str) -> dict[str, str]:
     """Environment for `worker eval` tests: the trained tiny CLIP and the colours policy
     (tests.synthetic.COLOURS_POLICY) in a fresh policy directory."""
-    from tests.synthetic import COLOURS_POLICY
+    from tests.synthetic import colours_env
 
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "colours.yaml").write_text(COLOURS_POLICY)
-    return {
-        "WORKER_MODEL__NAME": trained_model_name,
-        "WORKER_CACHE_DIR": str(tmp_path / "cache"),
-        "WORKER_POLICY_DIR": str(policies),
-        "WORKER_DEVICE": "cpu",
-        "WORKER_LOG_FORMAT": "json",
-    }
+    return colours_env(tmp_path, trained_model_name)

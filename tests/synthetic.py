@@ -113,6 +113,21 @@ categories:
 """
 
 
+def colours_env(root: Path, model_name: str) -> dict[str, str]:
+    """`worker` settings for ``model_name`` with :data:`COLOURS_POLICY` in a fresh policy
+    directory and a fresh cache (embedding store included) under ``root``."""
+    policies = root / "policies"
+    policies.mkdir()
+    (policies / "colours.yaml").write_text(COLOURS_POLICY)
+    return {
+        "WORKER_MODEL__NAME": model_name,
+        "WORKER_CACHE_DIR": str(root / "cache"),
+        "WORKER_POLICY_DIR": str(policies),
+        "WORKER_DEVICE": "cpu",
+        "WORKER_LOG_FORMAT": "json",
+    }
+
+
 CAPTIONS = (
     "a {c} {s}.",
     "a photo of a {c} {s}.",

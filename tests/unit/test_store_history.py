@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.cli_runner import run_cli
-from tests.synthetic import write_shape_set
+from tests.synthetic import colours_env, write_shape_set
 from worker.store import COLUMNS, EmbeddingStore, vectors
 
 EDITED = """\
@@ -53,15 +53,18 @@ def _animated(path: Path) -> None:
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
-@pytest.fixture
-def scored(eval_env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
-    """A folder of colour shapes (and one animation) classified with the deployed policy."""
-    write_shape_set(tmp_path / "set", per_class=4, label="colour", seed=5)
-    folder = tmp_path / "set" / "images"
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory, trained_model_name: str) -> dict[str, Any]:
+    """One store for the module: a folder of colour shapes (and one animation) classified
+    with the deployed colours policy. The last test deletes the images."""
+    root = tmp_path_factory.mktemp("history")
+    env = colours_env(root, trained_model_name)
+    write_shape_set(root / "set", per_class=4, label="colour", seed=5)
+    folder = root / "set" / "images"
     _animated(folder / "anim.gif")
-    first = run_cli("classify", str(folder), env=eval_env)
+    first = run_cli("classify", str(folder), env=env)
     assert first.returncode == 0, first.stderr
-    return {"folder": folder, "live": _results(first.stdout), "stderr": first.stderr}
+    return {"env": env, "folder": folder, "live": _results(first.stdout), "root": root}
 
 
 def _table(env: dict[str, str]) -> pa.Table:
@@ -72,9 +75,9 @@ def _table(env: dict[str, str]) -> pa.Table:
 
 
 def test_classify_keeps_one_row_per_image_and_a_second_run_adds_none(
-    eval_env: dict[str, str], scored: dict[str, Any]
+    history: dict[str, Any],
 ) -> None:
-    live = scored["live"]
+    live, eval_env = history["live"], history["env"]
     table = _table(eval_env)
     assert tuple(table.column_names) == COLUMNS
     assert sorted(table.column("job_id").to_pylist()) == sorted(live)
@@ -93,10 +96,20 @@ def test_classify_keeps_one_row_per_image_and_a_second_run_adds_none(
         animated = row["uri"].endswith(".gif")
         assert (row["frames"] is None) != animated
     print(f"{table.num_rows} rows after the first run")
-    again = run_cli("classify", str(scored["folder"]), env=eval_env)
+    again = run_cli("classify", str(history["folder"]), env=eval_env)
     assert again.returncode == 0
     assert _table(eval_env).num_rows == len(live)
     print(f"{_table(eval_env).num_rows} rows after the second run")
+
+
+def test_rescore_of_the_deployed_policy_writes_every_row_once(history: dict[str, Any]) -> None:
+    eval_env = history["env"]
+    out = history["root"] / "all.jsonl"
+    first = run_cli("rescore", "--policy", "colours", "--out", str(out), env=eval_env)
+    assert first.returncode == 0, first.stderr
+    assert sorted(_results(out.read_text())) == sorted(history["live"])
+    assert "resuming" not in first.stderr
+    assert not list((Path(eval_env["WORKER_CACHE_DIR"]) / "rescore").glob("*.json"))
 
 
 def _edited_thresholds(live: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -116,14 +129,13 @@ def _flagged(results: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
     return flagged
 
 
-def test_rescore_and_preview_agree_with_fresh_classify(
-    eval_env: dict[str, str], scored: dict[str, Any], tmp_path: Path
-) -> None:
-    live = scored["live"]
+def test_rescore_and_preview_agree_with_fresh_classify(history: dict[str, Any]) -> None:
+    """Runs last: it deletes the images, to show rescore does not need them."""
+    live, eval_env, tmp_path = history["live"], history["env"], history["root"]
     edited = tmp_path / "edited" / "colours.yaml"
     edited.parent.mkdir()
     edited.write_text(EDITED.format(**_edited_thresholds(live)))
-    fresh_run = run_cli("classify", str(scored["folder"]), "--policy", str(edited), env=eval_env)
+    fresh_run = run_cli("classify", str(history["folder"]), "--policy", str(edited), env=eval_env)
     assert fresh_run.returncode == 0, fresh_run.stderr
     fresh = _results(fresh_run.stdout)
 
@@ -159,7 +171,7 @@ def test_rescore_and_preview_agree_with_fresh_classify(
         )
 
     # rescore, after the image files are gone: the scores a fresh classify gives
-    shutil.rmtree(scored["folder"])
+    shutil.rmtree(history["folder"])
     out = tmp_path / "rescored.jsonl"
     rescored_run = run_cli("rescore", "--policy", str(edited), "--out", str(out), env=eval_env)
     assert rescored_run.returncode == 0, rescored_run.stderr
@@ -192,14 +204,3 @@ def test_rescore_and_preview_agree_with_fresh_classify(
     differ = {job for job in live if decided(live[job]) != decided(fresh[job])}
     assert set(_results(changed.read_text())) == differ
     print(f"--changed-only: {len(differ)} of {len(live)} documents")
-
-
-def test_rescore_resumes_after_the_last_finished_day(
-    eval_env: dict[str, str], scored: dict[str, Any], tmp_path: Path
-) -> None:
-    out = tmp_path / "all.jsonl"
-    first = run_cli("rescore", "--policy", "colours", "--out", str(out), env=eval_env)
-    assert first.returncode == 0, first.stderr
-    assert len(out.read_text().splitlines()) == len(scored["live"])
-    assert "resuming" not in first.stderr
-    assert not list((Path(eval_env["WORKER_CACHE_DIR"]) / "rescore").glob("*.json"))

@@ -19,8 +19,8 @@ import pytest
 from tests.cli_runner import CliResult, run_cli
 from tests.helpers import write_images
 from worker.cli.classify import job_id_for
-from worker.cli.store import MIN_INDEX_ROWS, TopK, top_indices
 from worker.model import LoadedModel
+from worker.retrieval import MIN_INDEX_ROWS, TopK, top_indices
 from worker.store import EmbeddingRow, EmbeddingStore, row_filter, vectors
 
 NOW = datetime.now(UTC)
@@ -310,7 +310,7 @@ def indexed(
 def test_index_search_reranked_equals_brute_force(
     indexed: Indexed, tiny_model: LoadedModel
 ) -> None:
-    from worker.cli.store import index_search, nprobes_for, vector_index
+    from worker.retrieval import index_search, nprobes_for, vector_index
 
     stored = read_back(store_uri(indexed.env), tiny_model.fingerprint)
     assert len(stored.job_ids) == 20_000 >= MIN_INDEX_ROWS
