@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -57,6 +58,14 @@ class StoredBatch:
         return range(row, row + 1) if self.spans is None else self.spans[row]
 
 
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over Arrow's read-only buffer, without a copy: only ever read (torch warns
+    that it cannot mark it read-only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 def stored_batches(
     store: EmbeddingStore,
     columns: Sequence[str],
@@ -72,7 +81,7 @@ def stored_batches(
         stills = vectors(batch.column("embedding"), dim)
         frames = batch.column("frames")
         if frames.null_count == batch.num_rows:
-            yield StoredBatch(batch, torch.from_numpy(stills), None)
+            yield StoredBatch(batch, _read_only_tensor(stills), None)
             continue
         parts: list[np.ndarray] = []
         spans: list[range] = []
@@ -275,3 +284,46 @@ def rescore_batch(
         changed = _flag_signature(new) != _flag_signature(old.get("policies", {}).get(name))
         out.append(Rescored(result, changed))
     return out
+
+
+@dataclass
+class WindowFigures:
+    """What re-scoring one window did: rows scanned, documents emitted, rows changed."""
+
+    rows: int = 0
+    written: int = 0
+    changed: int = 0  # rows whose flags (or kept tags) differ from the stored result's
+
+    def add(self, other: WindowFigures) -> None:
+        self.rows += other.rows
+        self.written += other.written
+        self.changed += other.changed
+
+
+def rescore_window(
+    store: EmbeddingStore,
+    policies: PolicySet,
+    name: str,
+    model: LoadedModel,
+    since: datetime | None,
+    until: datetime | None,
+    emit: Callable[[Result], None],
+    *,
+    changed_only: bool = False,
+    on_rows: Callable[[int], None] | None = None,
+) -> WindowFigures:
+    """Re-score the stored rows of ``model`` in ``[since, until)`` under policy ``name``
+    and hand each document to ``emit`` (only the changed ones with ``changed_only``);
+    ``on_rows(n)`` after each stored batch. What `worker rescore` does for each day and a
+    fleet worker for each shard (``worker/queue/rescore_shards.py``)."""
+    figures = WindowFigures()
+    for stored in stored_batches(store, RESCORE_COLUMNS, model.fingerprint, since, until):
+        for item in rescore_batch(policies, name, stored, model):
+            figures.changed += item.changed
+            if item.changed or not changed_only:
+                emit(item.result)
+                figures.written += 1
+        figures.rows += stored.rows
+        if on_rows is not None:
+            on_rows(stored.rows)
+    return figures

@@ -328,7 +328,9 @@ class EmbeddingStore:
             if self._table is None:
                 try:
                     self._table = self.db.open_table(TABLE)
-                except (ValueError, FileNotFoundError):
+                except (ValueError, FileNotFoundError) as exc:
+                    if "not found" not in str(exc).lower() and "not exist" not in str(exc):
+                        raise StoreError(f"cannot open the store at {self.uri}: {exc}") from exc
                     if dim is None:
                         return None
                     self._table = self._create(dim)
@@ -504,8 +506,11 @@ class StoreWriter:
         ``timeout`` seconds), then stop the thread."""
         self._queue.put(None)
         self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("store.close_timeout", pending=self._pending, seconds=timeout)
+        if self._thread.is_alive():  # the store is still failing: what is left is lost
+            with self._pending_lock:
+                abandoned = self._pending
+            self._count("failed", abandoned)
+            log.error("store.close_timeout", rows=abandoned, seconds=timeout)
 
     def _count(self, outcome: str, rows: int) -> None:
         setattr(self.counts, outcome, getattr(self.counts, outcome) + rows)

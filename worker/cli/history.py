@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -17,8 +18,11 @@ from worker.cli.errors import exits_on_errors, fail
 from worker.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
     from worker.documents import Result
     from worker.model import LoadedModel
+    from worker.policy import LoadedPolicy
     from worker.settings import Settings
     from worker.store import EmbeddingStore
 
@@ -61,7 +65,7 @@ def parse_window(since: str | None, until: str | None = None) -> tuple[Any, Any]
     return start, end
 
 
-def _describe_window(start: datetime | None, end: datetime | None) -> str:
+def describe_window(start: datetime | None, end: datetime | None) -> str:
     parts = []
     if start is not None:
         parts.append(f"since {start.isoformat(timespec='seconds')}")
@@ -129,7 +133,7 @@ def preview(
         live_set = compile_configured(settings, model, live)
         pairs = [(live_set.compiled.get(p.name), edited_set.compiled[p.name]) for p in edited]
         rows = store.count(_where(model, start))
-        window_note(store, model, rows, _describe_window(start, None))
+        window_note(store, model, rows, describe_window(start, None))
         progress = progress_bar()
         with progress:
             task = progress.add_task("scoring stored rows", total=rows)
@@ -233,6 +237,29 @@ def rescore(
         bool,
         typer.Option("--restart", help="Ignore the progress of an interrupted run; start over."),
     ] = False,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            "--shards",
+            min=1,
+            help="Run on the serving fleet: cut the window into N equal time shards, one "
+            "queue task each (`worker serve` runs them); --out gets one file per shard.",
+            show_default=False,
+        ),
+    ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run-id",
+            help="With --shards: the run's name in Redis [default: a hash of the options, "
+            "so the same command again resumes it].",
+            show_default=False,
+        ),
+    ] = None,
+    no_wait: Annotated[
+        bool,
+        typer.Option("--no-wait", help="With --shards: send the shards, print the run id, exit."),
+    ] = False,
 ) -> None:
     """Result documents for stored rows under a policy as it is now: no image is read.
 
@@ -241,29 +268,44 @@ def rescore(
     at a time; an interrupted run (same options) resumes after the last finished day, and
     `--out` is cut back to what that day had written. Without --out and --sink the
     documents go to stdout.
+
+    With --shards N the workers of the queue do the work: the window (from the earliest
+    stored row when --since is not given, to now) is cut into N equal time shards, each a
+    task that one worker runs with its own model and store, writing
+    OUT.shard-K-of-N.jsonl and delivering to the sinks. The command waits, showing the
+    shards done; the same command again sends only the shards neither done nor running.
     """
     from worker.plugins import PluginContext
-    from worker.policy import select_policies
     from worker.queue.delivery import SinkCache
     from worker.runtime import compile_configured, load_configured_model
 
     settings = state(ctx).settings
+    if shards is None and (run_id is not None or no_wait):
+        fail("--run-id and --no-wait go with --shards")
     start, end = parse_window(since, until)
     if out is not None and not out.parent.is_dir():
         fail(f"--out {out}: directory {out.parent} does not exist")
     configs = parse_sink_specs(sink or [])
+    if shards is not None:
+        if out is None and not configs:
+            fail("--shards needs --out or --sink: the workers write the documents, not stdout")
+        from worker.cli.rescore_fleet import FleetRescore
+
+        with exits_on_errors():
+            fleet = FleetRescore(
+                settings, _one_policy(policy, settings), since, until, out, configs, changed_only
+            )
+            failed = fleet.execute(shards, run_id, restart=restart, wait=not no_wait)
+        if failed:
+            raise typer.Exit(EXIT_FAILED)
+        return
     sinks = SinkCache(PluginContext(settings=settings))
     try:
         with exits_on_errors():
             for config in configs:  # bad sink settings fail before the model loads
                 sinks.get(config)
             store = open_store(settings)
-            loaded = select_policies([policy], settings.policy_dir)
-            if len(loaded) != 1:
-                names = ", ".join(p.name for p in loaded)
-                raise ConfigurationError(
-                    f"--policy {policy} holds {len(loaded)} policies ({names}): name one"
-                )
+            loaded = [_one_policy(policy, settings)]
             model = load_configured_model(settings)
             policies = compile_configured(settings, model, loaded)
             run = RescoreRun(
@@ -272,8 +314,7 @@ def rescore(
                 model,
                 policies,
                 loaded[0].name,
-                start,
-                end,
+                (start, end, since, until),
                 out,
                 configs,
                 sinks,
@@ -286,6 +327,19 @@ def rescore(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _one_policy(policy: str, settings: Settings) -> LoadedPolicy:
+    """The one policy ``--policy`` names (a file of several: ConfigurationError)."""
+    from worker.policy import select_policies
+
+    loaded = select_policies([policy], settings.policy_dir)
+    if len(loaded) != 1:
+        names = ", ".join(p.name for p in loaded)
+        raise ConfigurationError(
+            f"--policy {policy} holds {len(loaded)} policies ({names}): name one"
+        )
+    return loaded[0]
+
+
 class RescoreRun:
     """One `worker rescore`: its windows, its progress file, its outputs."""
 
@@ -296,13 +350,16 @@ class RescoreRun:
         model: LoadedModel,
         policies: Any,
         name: str,
-        start: datetime | None,
-        end: datetime | None,
+        window: tuple[datetime | None, datetime | None, str | None, str | None],
         out: Path | None,
         configs: list[dict[str, Any]],
         sinks: Any,
         changed_only: bool,
     ) -> None:
+        """``window``: the start and end resolved now, and ``--since`` and ``--until`` as
+        given (a run is known by those: `--since 30d` again resumes it, over the window
+        the first run resolved)."""
+        start, end, since, until = window
         self.settings = settings
         self.store = store
         self.model = model
@@ -319,8 +376,8 @@ class RescoreRun:
                 store.uri,
                 model.fingerprint,
                 policies.compiled[name].version,
-                start.isoformat() if start else None,
-                end.isoformat() if end else None,
+                since,
+                until,
                 str(out.resolve()) if out else None,
                 configs,
                 changed_only,
@@ -333,9 +390,18 @@ class RescoreRun:
 
     def _state(self, restart: bool) -> dict[str, Any]:
         if restart or not self.progress_file.is_file():
-            return {"done": [], "offset": 0, "written": 0, "end": self.end.isoformat()}
+            start = self.start.isoformat() if self.start else None
+            return {
+                "done": [],
+                "offset": 0,
+                "written": 0,
+                "start": start,
+                "end": self.end.isoformat(),
+            }
         state_: dict[str, Any] = json.loads(self.progress_file.read_text(encoding="utf-8"))
-        self.end = datetime.fromisoformat(state_["end"])  # "now" as the first run saw it
+        # The window as the first run resolved it ("30d" and "now" then, not now)
+        self.start = datetime.fromisoformat(state_["start"]) if state_["start"] else None
+        self.end = datetime.fromisoformat(state_["end"])
         return state_
 
     def _save(self, state_: dict[str, Any]) -> None:
@@ -363,7 +429,7 @@ class RescoreRun:
         )
 
     def execute(self, restart: bool) -> list[str]:
-        from worker.history import RESCORE_COLUMNS, day_windows, rescore_batch, stored_batches
+        from worker.history import day_windows, rescore_window
 
         state_ = self._state(restart)
         first = self.start or self.store.first_created(self.model.fingerprint)
@@ -375,13 +441,14 @@ class RescoreRun:
                 f"{state_['written']} documents written (--restart to start over)"
             )
         total = self.store.count(_where(self.model, self.start, self.end))
-        window_note(self.store, self.model, total, _describe_window(self.start, self.end))
+        window_note(self.store, self.model, total, describe_window(self.start, self.end))
+        handle = None
         if self.out is not None:
-            handle = self.out.open("r+b" if done and self.out.exists() else "wb")
-            handle.truncate(state_["offset"] if done else 0)
-            handle.seek(0, 2)
-        else:
-            handle = None
+            resuming = bool(done) and self.out.is_file()
+            handle = self.out.open("r+b" if resuming else "wb")
+            if resuming:  # drop what the interrupted day had written
+                handle.truncate(state_["offset"])
+                handle.seek(0, 2)
         to_stdout = self.out is None and not self.configs
         failures: list[str] = []
         progress = progress_bar(info=True)
@@ -394,18 +461,18 @@ class RescoreRun:
                         rows = self.store.count(_where(self.model, window_start, window_end))
                         progress.advance(task, rows)
                         continue
-                    for stored in stored_batches(
+                    figures = rescore_window(
                         self.store,
-                        RESCORE_COLUMNS,
-                        self.model.fingerprint,
+                        self.policies,
+                        self.name,
+                        self.model,
                         window_start,
                         window_end,
-                    ):
-                        for item in rescore_batch(self.policies, self.name, stored, self.model):
-                            if item.changed or not self.changed_only:
-                                failures += self._emit(item.result, handle, to_stdout)
-                                state_["written"] += 1
-                        progress.update(task, advance=stored.rows, info=label[:10])
+                        lambda result: failures.extend(self._emit(result, handle, to_stdout)),
+                        changed_only=self.changed_only,
+                        on_rows=functools.partial(_advance, progress, task, label[:10]),
+                    )
+                    state_["written"] += figures.written
                     if handle is not None:
                         handle.flush()
                         state_["offset"] = handle.tell()
@@ -423,3 +490,7 @@ class RescoreRun:
         if not failures:
             self.progress_file.unlink(missing_ok=True)
         return failures
+
+
+def _advance(progress: Progress, task: TaskID, info: str, rows: int) -> None:
+    progress.update(task, advance=rows, info=info)

@@ -16,7 +16,11 @@ Reliability settings (see docs/architecture.md, "Queue"):
   whatever happened; :class:`OutcomeBatches` instead acknowledges the jobs that finished
   and requeues the others;
 - prefetch = batch size, so a batch can fill; a batch is flushed when it holds
-  ``flush_every`` *jobs* (a packed message counts as its jobs), or after the wait.
+  ``flush_every`` *jobs* (a packed message counts as its jobs), or after the wait;
+- ``moderation.rescore_shard`` (`worker rescore --shards N`, ``worker/queue/rescore_shards.py``)
+  is a plain task on the same queue: one shard of a re-score over the embedding store.
+  Under the solo pool it runs in the consumer's thread, so a worker takes one shard at a
+  time and nothing else meanwhile (the score jobs it had buffered are scored first).
 
 Prefork: the parent only consumes, buffers batches and acknowledges; each child loads its
 own model in ``worker_process_init``. The parent must never run a torch op before the pool
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from typing import Any
 
 from celery import Celery, current_app, signals
@@ -35,6 +40,7 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
 from worker.log import configure_logging, get_logger
+from worker.queue.rescore_shards import DELIVERY_TAG_HEADER, RESCORE_TASK
 from worker.settings import Settings, load_settings
 
 log = get_logger(__name__)
@@ -174,6 +180,14 @@ def create_app(settings: Settings, *, worker: bool = False) -> Celery:
             flush_every=settings.batch.batch_size,
             flush_interval=max(settings.batch.max_wait_ms, 1) / 1000,
         )(score_batch)
+    app.task(
+        bind=True,
+        name=RESCORE_TASK,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        typing=False,
+    )(rescore_shard)
     return app
 
 
@@ -192,6 +206,15 @@ def send_jobs(app: Celery, jobs: list[Any]) -> None:
         return
     settings = _settings_of(app)
     app.send_task(SCORE_JOBS_TASK, args=[list(jobs)], queue=settings.queue.name)
+
+
+def send_rescore_shard(app: Celery, shard: dict[str, Any], message_id: str) -> None:
+    """Put one shard of a `worker rescore --shards N` run (a JSON-ready
+    :class:`~worker.queue.rescore_shards.ShardSpec`) on the queue, as message
+    ``message_id``; with :func:`send_job` and :func:`send_jobs`, the only places tasks are
+    sent."""
+    settings = _settings_of(app)
+    app.send_task(RESCORE_TASK, args=[shard], queue=settings.queue.name, task_id=message_id)
 
 
 def score_batch(task: Any, requests: list[SimpleRequest]) -> list[bool]:
@@ -220,6 +243,56 @@ def _payloads(request: SimpleRequest, packed: bool) -> list[Any]:
         return [request.args[0] if request.args else request.kwargs.get("job")]
     jobs = request.args[0] if request.args else request.kwargs.get("jobs")
     return list(jobs) if isinstance(jobs, list) else [jobs]
+
+
+def rescore_shard(task: Any, shard: dict[str, Any]) -> str:
+    """The shard task: what became of the shard (``done``, ``skipped``, ``duplicate``,
+    ``failed``); a transient failure puts the message back after a backoff. The intake
+    validated ``shard`` and held its sinks to the rules of a job's."""
+    from celery.exceptions import Reject
+
+    from worker.queue.rescore_shards import ShardRetry, ShardSpec, execute_shard
+    from worker.queue.service import current_service
+
+    service = current_service() or start(task.app)
+    _flush_buffered_batches(task.app)
+    spec = ShardSpec.model_validate(shard)
+    options = task.app.conf.broker_transport_options or {}
+    index_key = str(options.get("global_keyprefix", "")) + str(
+        options.get("unacked_index_key", "unacked_index")
+    )
+    tag = getattr(task.request, DELIVERY_TAG_HEADER, None)
+    try:
+        return execute_shard(
+            service,
+            spec,
+            delivery_tag=tag if isinstance(tag, str) else None,
+            unacked_index_key=index_key,
+        )
+    except ShardRetry as exc:
+        time.sleep(exc.delay)
+        raise Reject(str(exc), requeue=True) from None
+    except Exception as exc:  # Redis gone while recording: the message goes back
+        log.exception("rescore.shard_crashed", run_id=spec.run_id, shard=spec.shard)
+        time.sleep(1.0)
+        raise Reject(repr(exc), requeue=True) from None
+
+
+def _flush_buffered_batches(app: Celery) -> None:
+    """Under the solo pool a shard runs in the consumer's thread, where the batches' flush
+    timer runs too: the score jobs buffered before the shard came are scored now, not after
+    it. (Prefork and threads pools run tasks elsewhere, and the timer keeps running.)"""
+    from celery.concurrency.solo import TaskPool as SoloPool
+
+    for name in (SCORE_TASK, SCORE_JOBS_TASK):
+        task = app.tasks.get(name)
+        if not isinstance(getattr(task, "_pool", None), SoloPool):
+            continue
+        try:
+            if task._buffer.qsize() or task._pending.qsize():
+                task._do_flush()
+        except Exception:  # never keep the shard from running
+            log.exception("rescore.flush_failed", task=name)
 
 
 def start(app: Celery) -> Any:
@@ -298,6 +371,15 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _on_worker_shutdown(**_: Any) -> None:
+    from worker.queue.service import stop_service
+
+    stop_service()
+
+
+@signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _on_worker_process_shutdown(**_: Any) -> None:
+    """A prefork child stopping: its service (and the embedding-store rows it still has
+    queued) is its own; only the parent gets ``worker_shutdown``."""
     from worker.queue.service import stop_service
 
     stop_service()

@@ -8,12 +8,14 @@ ends the worker, and the message comes back to end the next one):
 - :class:`GuardedRedisTransport` (kombu): an item on the Redis list that is not JSON, or
   JSON that is not a kombu envelope (``LPUSH moderation garbage``);
 - :class:`GuardedConsumer` (Celery): an envelope whose headers or body are not a
-  ``moderation.score`` call with one job object, or a ``moderation.score_jobs`` call with
-  a list of 1 to ``WORKER_QUEUE__MAX_JOBS_PER_MESSAGE`` items (wrong task name, ``null`` /
-  ``123`` / ``[1]`` bodies, wrong arity, empty or overlong lists, other content types,
-  bodies nested or sized past the limits). Anything the task handler still raises is
-  caught here too. The items of a packed list are judged one by one by the batch: one that
-  is not a valid job is dead-lettered alone.
+  ``moderation.score`` call with one job object, a ``moderation.score_jobs`` call with
+  a list of 1 to ``WORKER_QUEUE__MAX_JOBS_PER_MESSAGE`` items, or a
+  ``moderation.rescore_shard`` call with one valid shard document (wrong task name,
+  ``null`` / ``123`` / ``[1]`` bodies, wrong arity, empty or overlong lists, other content
+  types, bodies nested or sized past the limits, a shard document that does not validate
+  or names a sink or ``out`` file a job could not). Anything the task handler still raises
+  is caught here too. The items of a packed list are judged one by one by the batch: one
+  that is not a valid job is dead-lettered alone.
 
 The checks themselves are :func:`vet_message` (:func:`job_of_message`,
 :func:`jobs_of_message`), pure functions. The body they decode is handed to Celery
@@ -38,6 +40,12 @@ from worker.documents import json_depth
 from worker.errors import MessageRefusedError
 from worker.log import get_logger
 from worker.queue.dead_letters import DeadLetter, DeadLetters, refused_id
+from worker.queue.rescore_shards import (
+    DELIVERY_TAG_HEADER,
+    MAX_SHARD_MESSAGE_BYTES,
+    ShardSpec,
+    shard_problem,
+)
 
 log = get_logger(__name__)
 #: Deepest JSON nesting accepted in a message body (the job's metadata is limited further).
@@ -160,33 +168,69 @@ def _jobs_of(decoded: list[Any], task_name: str, max_jobs: int) -> list[Any]:
     return jobs
 
 
+def _shard_of(decoded: list[Any], task_name: str) -> ShardSpec:
+    from pydantic import ValidationError
+
+    shard = _one_argument(decoded[0], decoded[1], task_name, "shard", "the shard document")
+    if not isinstance(shard, dict):
+        raise MessageRefusedError(f"the shard must be a JSON object, got {_kind(shard)}")
+    try:
+        return ShardSpec.model_validate(shard)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'shard'}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        raise MessageRefusedError(f"invalid shard: {problems}") from None
+
+
 @dataclass(frozen=True)
 class Limits:
-    """What a worker takes: the one-job task, the packed task, their caps."""
+    """What a worker takes: the one-job task, the packed task, the shard task (none when
+    empty), their caps."""
 
     score_task: str
     packed_task: str
     max_bytes: int  # a one-job message: one inline image and the job around it
     packed_max_bytes: int
     max_jobs: int
+    rescore_task: str = ""
+    rescore_max_bytes: int = MAX_SHARD_MESSAGE_BYTES
 
     @classmethod
-    def from_settings(cls, settings: Any, score_task: str, packed_task: str) -> Limits:
+    def from_settings(
+        cls, settings: Any, score_task: str, packed_task: str, rescore_task: str = ""
+    ) -> Limits:
         return cls(
             score_task,
             packed_task,
             settings.image.max_bytes * 4 // 3 + 256 * 1024,
             settings.queue.max_message_bytes,
             settings.queue.max_jobs_per_message,
+            rescore_task,
         )
+
+    def tasks(self) -> str:
+        """The task names taken, for messages: ``a, b and c``."""
+        names = [n for n in (self.score_task, self.packed_task, self.rescore_task) if n]
+        return ", ".join(names[:-1]) + f" and {names[-1]}"
 
 
 def vet_message(
     headers: Any, content_type: Any, body: Any, limits: Limits
 ) -> tuple[list[Any], list[Any]]:
-    """The jobs a message carries (one for ``score_task``, a list for ``packed_task``) and
-    its decoded body; MessageRefusedError when the message is not one of those calls."""
+    """The jobs a message carries (one for ``score_task``, a list for ``packed_task``; for
+    ``rescore_task``, its validated :class:`ShardSpec`) and its decoded body;
+    MessageRefusedError when the message is not one of those calls."""
     task = headers.get("task") if isinstance(headers, Mapping) else None
+    if limits.rescore_task and task == limits.rescore_task:
+        decoded = _call_of_message(
+            headers,
+            content_type,
+            body,
+            task_name=limits.rescore_task,
+            max_bytes=limits.rescore_max_bytes,
+        )
+        return [_shard_of(decoded, limits.rescore_task)], decoded
     if task == limits.packed_task:
         decoded = _call_of_message(
             headers,
@@ -198,8 +242,7 @@ def vet_message(
         return _jobs_of(decoded, limits.packed_task, limits.max_jobs), decoded
     if isinstance(headers, Mapping) and "task" in headers and task != limits.score_task:
         raise MessageRefusedError(
-            f"unknown task {str(task)[:100]!r} (this worker runs {limits.score_task} "
-            f"and {limits.packed_task})"
+            f"unknown task {str(task)[:100]!r} (this worker runs {limits.tasks()})"
         )
     decoded = _call_of_message(
         headers, content_type, body, task_name=limits.score_task, max_bytes=limits.max_bytes
@@ -250,19 +293,27 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         handle = super().create_task_handler(*args, **kwargs)
         from worker.queue.app import SCORE_JOBS_TASK, SCORE_TASK
+        from worker.queue.rescore_shards import RESCORE_TASK
 
-        limits = Limits.from_settings(
-            self.app.conf.moderation_settings, SCORE_TASK, SCORE_JOBS_TASK
-        )
+        settings = self.app.conf.moderation_settings
+        limits = Limits.from_settings(settings, SCORE_TASK, SCORE_JOBS_TASK, RESCORE_TASK)
 
         def on_task_received(message: Any) -> Any:
+            headers = getattr(message, "headers", None)
             try:
-                _, decoded = vet_message(
-                    getattr(message, "headers", None),
+                found, decoded = vet_message(
+                    headers,
                     getattr(message, "content_type", None),
                     getattr(message, "body", None),
                     limits,
                 )
+                if isinstance(headers, dict) and headers.get("task") == RESCORE_TASK:
+                    problem = shard_problem(found[0], settings)
+                    if problem is not None:
+                        raise MessageRefusedError(f"shard refused: {problem}")
+                    # The heartbeat keeps this message invisible by its tag, whatever a
+                    # sender put in the header.
+                    headers[DELIVERY_TAG_HEADER] = getattr(message, "delivery_tag", None)
             except MessageRefusedError as exc:
                 return self._refuse(message, str(exc))
             keep_decoded(message, decoded)
