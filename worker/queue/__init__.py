@@ -11,6 +11,8 @@
 | ``reload`` | ``PolicyWatcher``: hot policy reload |
 | ``service`` | ``Service``: one process's long-lived parts |
 | ``serving`` | ``worker serve``: checks before consuming, then Celery's worker loop |
+| ``rescore_shards`` | ``moderation.rescore_shard``: one time shard of `worker rescore --shards N` |
+| ``rescore_runs`` | a shard run's records in Redis: done shards, leases, the heartbeat |
 
 It may import the engine, the policy package, plugins and ``ops``; nothing outside
 ``worker.cli`` and ``worker.client`` imports it.
