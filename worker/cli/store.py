@@ -11,25 +11,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 from rich.console import Console
 
 from worker.cli.common import state, stderr
 from worker.cli.errors import fail
 from worker.log import get_logger, json_logging
-from worker.retrieval import (
-    MIN_INDEX_ROWS,
-    SCALAR_INDEXES,
-    VECTOR_INDEX,
-    index_search,
-    nprobes_for,
-    partitions_for,
-    scan_search,
-    vector_index,
-)
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from worker.model import LoadedModel
     from worker.settings import Settings
     from worker.store import EmbeddingStore
@@ -56,6 +47,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object for ma
 
 def text_query(model: LoadedModel, text: str) -> np.ndarray:
     """The text encoded exactly as given (no prompt template), L2-normalised."""
+    import numpy as np
+
     return np.ascontiguousarray(model.encode_texts([text])[0].numpy(), dtype=np.float32)
 
 
@@ -67,6 +60,8 @@ def image_query(model: LoadedModel, settings: Settings, source: str, data: bytes
 
     options = DecodeOptions.from_settings(settings.image, model)
     embedded = embed_files(model, [source], None, options, workers=1, read=lambda _: data)
+    import numpy as np
+
     return np.ascontiguousarray(embedded.per_file_mean()[0].numpy(), dtype=np.float32)
 
 
@@ -221,6 +216,8 @@ def stats(ctx: typer.Context, as_json: JsonOption = False) -> None:
 
 
 def _print_stats(report: dict[str, Any]) -> None:
+    from worker.retrieval import MIN_INDEX_ROWS
+
     out = Console(highlight=False, soft_wrap=True)
     out.print(f"store     {report['uri']}")
     out.print(f"rows      {report['rows']:,} of {report['dim']}-d embeddings")
@@ -258,6 +255,8 @@ def index(ctx: typer.Context) -> None:
     exactly) until `worker store compact` adds them to it.
     """
     from lancedb.index import Bitmap, BTree, HnswSq
+
+    from worker.retrieval import MIN_INDEX_ROWS, SCALAR_INDEXES, VECTOR_INDEX, partitions_for
 
     _, store, table = _open(ctx)
     rows = 0 if table is None else int(table.count_rows())
@@ -408,6 +407,13 @@ def search(
     model, none since --since), 2 for a mistake in the options or settings.
     """
     from worker.errors import JobError
+    from worker.retrieval import (
+        MIN_INDEX_ROWS,
+        index_search,
+        nprobes_for,
+        scan_search,
+        vector_index,
+    )
     from worker.runtime import load_configured_model
     from worker.store import parse_time, row_filter
 
