@@ -371,6 +371,15 @@ class EmbeddingStore:
         table = self.table()
         return 0 if table is None else int(table.count_rows(where))
 
+    def count_others(
+        self, fingerprint: str, since: datetime | None = None, until: datetime | None = None
+    ) -> int:
+        """Rows of every other model fingerprint in the window: what a command working on
+        ``fingerprint``'s rows leaves out, and says it does."""
+        window = row_filter(since=since, until=until)
+        others = f"NOT ({row_filter(fingerprint)})"
+        return self.count(f"{others} AND {window}" if window else others)
+
     def fingerprints(self) -> dict[str, int]:
         """Rows per model fingerprint, most first."""
         counts: dict[str, int] = {}

@@ -49,7 +49,7 @@ def open_store(settings: Settings) -> EmbeddingStore:
 
 def window_note(store: EmbeddingStore, model: LoadedModel, rows: int, where: str) -> None:
     """One line on stderr: the rows used and the rows of other models left out."""
-    others = store.count(f"fingerprint != '{model.fingerprint}'")
+    others = store.count_others(model.fingerprint)
     skipped = f"; {others} rows of other models left out (`worker store stats`)" if others else ""
     stderr.print(f"{rows} stored rows of {model.name} ({model.fingerprint}) {where}{skipped}")
 

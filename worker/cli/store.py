@@ -440,8 +440,7 @@ def search(
     fingerprint = model.fingerprint
     where = row_filter(fingerprint, start)
     assert where is not None
-    window = row_filter(since=start)
-    others = store.count(f"NOT ({row_filter(fingerprint)})" + (f" AND {window}" if window else ""))
+    others = store.count_others(fingerprint, since=start)
     if others:
         _note(
             "search.other_models",

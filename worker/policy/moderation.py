@@ -16,8 +16,10 @@ image heads, and a text head with text heads.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -195,11 +197,17 @@ class CompiledModeration(CompiledPolicy[ModerationPolicy]):
     def num_categories(self) -> int:
         return len(self.policy.categories)
 
+    @cached_property
+    def _witness_starts(self) -> tuple[int, ...]:
+        """The first row of each category's witnesses in ``witness_matrix`` (read per
+        flag: computed once per compiled policy)."""
+        return tuple(itertools.accumulate((len(w) for w in self.witnesses), initial=0))
+
     def evidence(self, index: int, embedding: torch.Tensor, logit_scale: float) -> Evidence:
         """Category ``index``'s closest prompt (or exemplar) and closest background for
         one image embedding ``(D,)``, by cosine."""
         assert self.witness_matrix is not None
-        start = sum(len(w) for w in self.witnesses[:index])
+        start = self._witness_starts[index]
         names = self.witnesses[index]
         own = self.witness_matrix[start : start + len(names)].to(embedding) @ embedding
         best = int(own.argmax())
